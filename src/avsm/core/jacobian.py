@@ -1,0 +1,52 @@
+"""Jacobian of a map, its true 3x3 determinant, and fold counts.
+
+Derivatives are taken with respect to the *unit* coordinates of the map's own
+grid (central differences inside, one-sided at the border).  The determinant
+is then the local volume ratio between the two unit cubes; scale it by
+``det(M_moving) / det(M_fixed)`` (the linear parts of the unit-to-world
+matrices, see :mod:`avsm.io.geometry`) for a physical volume ratio.  Folds
+(``det J < 0``) do not depend on that positive scale, as long as both images
+have the same handedness.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from avsm.core.coords import unit_spacing
+
+
+def jacobian(phi: torch.Tensor) -> torch.Tensor:
+    """Jacobian matrix field of a map.
+
+    Args:
+        phi: ``(B, 3, D, H, W)`` map in unit coordinates.
+
+    Returns:
+        ``(B, 3, 3, D, H, W)`` with ``J[:, i, j] = d phi_i / d x_j`` (unit coordinates).
+    """
+    if phi.dim() != 5 or phi.shape[1] != 3:
+        raise ValueError(f"map must have shape (B, 3, D, H, W), got {tuple(phi.shape)}")
+    if min(phi.shape[2:]) < 2:
+        raise ValueError("the Jacobian needs at least 2 voxels along every axis")
+    h = unit_spacing(phi.shape[2:])
+    grads = torch.gradient(phi, spacing=list(h), dim=(2, 3, 4), edge_order=1)
+    return torch.stack(grads, dim=2)
+
+
+def det3(J: torch.Tensor) -> torch.Tensor:
+    """True determinant of a field of 3x3 matrices ``(B, 3, 3, ...)`` -> ``(B, ...)``."""
+    a, b, c = J[:, 0, 0], J[:, 0, 1], J[:, 0, 2]
+    d, e, f = J[:, 1, 0], J[:, 1, 1], J[:, 1, 2]
+    g, h, i = J[:, 2, 0], J[:, 2, 1], J[:, 2, 2]
+    return a * (e * i - f * h) - b * (d * i - f * g) + c * (d * h - e * g)
+
+
+def jacobian_determinant(phi: torch.Tensor) -> torch.Tensor:
+    """``det J`` of a map: ``(B, 3, D, H, W)`` -> ``(B, D, H, W)``."""
+    return det3(jacobian(phi))
+
+
+def count_folds(phi: torch.Tensor) -> torch.Tensor:
+    """Number of voxels with ``det J < 0`` per batch item: ``(B,)`` int64."""
+    return (jacobian_determinant(phi) < 0).flatten(1).sum(1)
