@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from avsm.core.coords import unit_spacing
+from avsm.core.integrate import map_gradient
 
 
 def jacobian(phi: torch.Tensor) -> torch.Tensor:
@@ -29,9 +29,7 @@ def jacobian(phi: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"map must have shape (B, 3, D, H, W), got {tuple(phi.shape)}")
     if min(phi.shape[2:]) < 2:
         raise ValueError("the Jacobian needs at least 2 voxels along every axis")
-    h = unit_spacing(phi.shape[2:])
-    grads = torch.gradient(phi, spacing=list(h), dim=(2, 3, 4), edge_order=1)
-    return torch.stack(grads, dim=2)
+    return torch.stack(map_gradient(phi), dim=2)
 
 
 def det3(J: torch.Tensor) -> torch.Tensor:

@@ -53,8 +53,8 @@ class Grid:
     def __post_init__(self) -> None:
         shape = tuple(int(s) for s in self.shape)
         spacing = tuple(float(s) for s in self.spacing)
-        origin = tuple(float(o) for o in self.origin)
-        direction = tuple(float(d) for d in np.asarray(self.direction, dtype=np.float64).reshape(-1))
+        origin = tuple(float(o) + 0.0 for o in self.origin)
+        direction = tuple(float(d) + 0.0 for d in np.asarray(self.direction, dtype=np.float64).reshape(-1))
         if len(shape) != 3 or any(s < 1 for s in shape):
             raise ValueError(f"Grid.shape must be 3 positive integers, got {self.shape}")
         if len(spacing) != 3 or not all(math.isfinite(s) and s > 0 for s in spacing):
@@ -194,7 +194,12 @@ class Grid:
         spacing = tuple(
             s * _denom(n) / _denom(m) for s, n, m in zip(self.spacing, self.itk_size, new_itk)
         )
-        return Grid(shape=shape, spacing=spacing, origin=self.origin, direction=self.direction)  # type: ignore[arg-type]
+        return Grid(
+            shape=shape,  # type: ignore[arg-type]
+            spacing=spacing,  # type: ignore[arg-type]
+            origin=self.origin,
+            direction=self.direction,
+        )
 
     def working_grid(
         self,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import logging
+import math
 import os
 import re
 import struct
@@ -145,57 +146,96 @@ class Volume:
 # --------------------------------------------------------------------------- loading
 
 
-def _nifti_expected_bytes(header: bytes) -> int | None:
-    """Expected file length (header + voxel data) of a NIfTI-1/2 file, or ``None``."""
+_NIFTI_FLOAT_DTYPES = {16: "f4", 64: "f8"}  # NIfTI datatype code -> numpy float type
+
+
+@dataclass(frozen=True)
+class _NiftiLayout:
+    endian: str
+    vox_offset: int
+    nvox: int
+    itemsize: int
+    datatype: int
+
+
+def _nifti_layout(header: bytes) -> _NiftiLayout | None:
+    """Voxel-data layout from a NIfTI-1 or NIfTI-2 header, or ``None`` if not NIfTI."""
     for endian in ("<", ">"):
         if len(header) >= 348 and struct.unpack(endian + "i", header[:4])[0] == 348:
             dims = struct.unpack(endian + "8h", header[40:56])
-            bitpix = struct.unpack(endian + "h", header[72:74])[0]
+            datatype, bitpix = struct.unpack(endian + "2h", header[70:74])
             vox_offset = struct.unpack(endian + "f", header[108:112])[0]
             break
         if len(header) >= 540 and struct.unpack(endian + "i", header[:4])[0] == 540:
-            bitpix = struct.unpack(endian + "h", header[14:16])[0]
+            datatype, bitpix = struct.unpack(endian + "2h", header[12:16])
             dims = struct.unpack(endian + "8q", header[16:80])
             vox_offset = struct.unpack(endian + "q", header[168:176])[0]
             break
     else:
         return None
-    ndim = dims[0]
-    if not 1 <= ndim <= 7 or bitpix <= 0:
+    ndim = int(dims[0])
+    if not 1 <= ndim <= 7 or bitpix <= 0 or bitpix % 8 or not math.isfinite(vox_offset) or vox_offset < 0:
         return None
     nvox = 1
     for d in dims[1 : ndim + 1]:
         nvox *= max(int(d), 1)
-    return int(vox_offset) + nvox * bitpix // 8
+    return _NiftiLayout(endian, int(vox_offset), nvox, bitpix // 8, int(datatype))
 
 
-def _check_nifti_complete(path: str) -> None:
-    """Reject truncated NIfTI files, which ITK reads silently (missing voxels become 0)."""
+def _check_nifti_voxels(path: str, kind: str) -> None:
+    """Stream a NIfTI file's voxel data once to catch what ITK hides.
+
+    ITK's NIfTI reader silently zero-fills a truncated file and replaces NaN/Inf
+    voxels by 0, so both are checked here on the raw bytes.
+    """
     lower = path.lower()
-    if lower.endswith(".nii"):
-        with open(path, "rb") as fh:
+    if lower.endswith(".nii.gz"):
+        opener = gzip.open
+    elif lower.endswith(".nii"):
+        opener = open  # type: ignore[assignment]
+    else:
+        return
+    try:
+        with opener(path, "rb") as fh:
             header = fh.read(540)
-        expected = _nifti_expected_bytes(header)
-        if expected is not None and os.path.getsize(path) < expected:
-            raise AvsmError("file is truncated (fewer voxel bytes than the header declares)", path)
-    elif lower.endswith(".nii.gz"):
-        total = 0
-        header = b""
-        try:
-            with gzip.open(path, "rb") as fh:
-                while chunk := fh.read(1 << 20):
-                    if len(header) < 540:
-                        header += chunk[: 540 - len(header)]
-                    total += len(chunk)
-        except (EOFError, gzip.BadGzipFile, zlib.error, OSError) as e:
-            raise AvsmError(f"file is truncated or corrupt (gzip: {e})", path) from e
-        expected = _nifti_expected_bytes(header)
-        if expected is not None and total < expected:
-            raise AvsmError("file is truncated (fewer voxel bytes than the header declares)", path)
+            layout = _nifti_layout(header)
+            if layout is None:
+                return  # not a NIfTI header: SimpleITK will report the problem
+            if len(header) > layout.vox_offset:
+                carry = header[layout.vox_offset :]
+            else:
+                skip = layout.vox_offset - len(header)
+                carry = b""
+                if len(fh.read(skip)) < skip:
+                    raise AvsmError("file is truncated (no voxel data)", path)
+            expected = layout.nvox * layout.itemsize
+            ftype = _NIFTI_FLOAT_DTYPES.get(layout.datatype)
+            ftype = layout.endian + ftype if ftype and layout.itemsize == int(ftype[1]) else None
+            total = 0
+            while total < expected:
+                chunk = carry + fh.read(1 << 22)
+                carry = b""
+                if len(chunk) == 0:
+                    break
+                chunk = chunk[: expected - total]
+                usable = len(chunk) - len(chunk) % layout.itemsize
+                if ftype is not None and usable:
+                    if not np.isfinite(np.frombuffer(chunk[:usable], dtype=ftype)).all():
+                        raise AvsmError(f"{kind} contains NaN or Inf voxels", path)
+                carry = chunk[usable:]
+                total += usable
+                if len(chunk) == len(carry):  # only a partial voxel left and EOF reached
+                    break
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+        raise AvsmError(f"file is truncated or corrupt (gzip: {e})", path) from e
+    except OSError as e:
+        raise AvsmError(f"cannot read file: {e.strerror or e}", path) from e
+    if total < expected:
+        raise AvsmError("file is truncated (fewer voxel bytes than the header declares)", path)
 
 
-def _read_sitk(path: str) -> sitk.Image:
-    _check_nifti_complete(path)
+def _read_sitk(path: str, kind: str = "image") -> sitk.Image:
+    _check_nifti_voxels(path, kind)
     try:
         with _quiet_itk():
             return sitk.ReadImage(path)
@@ -266,7 +306,8 @@ def load_image(
     if not os.access(p, os.R_OK):
         raise AvsmError("file is not readable (permission denied)", p)
 
-    img = _read_sitk(p)
+    kind = "label map" if label else "image"
+    img = _read_sitk(p, kind)
     ncomp = img.GetNumberOfComponentsPerPixel()
     if ncomp != 1:
         raise AvsmError(
@@ -288,7 +329,6 @@ def load_image(
         raise AvsmError(f"invalid image geometry: {e}", p) from e
 
     arr = sitk.GetArrayFromImage(img)
-    kind = "label map" if label else "image"
     if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
         raise AvsmError(f"{kind} contains NaN or Inf voxels", p)
 

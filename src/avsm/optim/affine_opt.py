@@ -91,7 +91,7 @@ def optimise_affine(
             sched.step()
             bar.update(1)
             if it % 25 == 0 or it == iters - 1:
-                log.debug("affine-opt scale %.2f it %d loss %.5f", scale, it, float(loss))
+                log.debug("affine-opt scale %.2f it %d loss %.5f", scale, it, loss.item())
                 cfg.history.append({"stage": "affine", "scale": scale, "iter": it, "loss": float(loss)})
     bar.close()
     return A.detach(), b.detach()

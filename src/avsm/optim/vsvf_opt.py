@@ -98,7 +98,8 @@ def optimise_vsvf(
             init = F.interpolate(m_prev, size=model.low_shape, mode="trilinear", align_corners=True)
         m = torch.nn.Parameter(init)
         opt = torch.optim.LBFGS([m], lr=cfg.lbfgs_lr, max_iter=1, history_size=cfg.lbfgs_history,
-                                line_search_fn="strong_wolfe")
+                                line_search_fn="strong_wolfe", tolerance_grad=0.0,
+                                tolerance_change=0.0)
         state: dict[str, float] = {}
 
         def closure() -> torch.Tensor:
