@@ -280,7 +280,7 @@ def register(
         if spacing is None and shape is None:
             spacing = net.config.working_spacing
     if spacing is None and shape is None:
-        spacing = 2.0
+        spacing = max(2.0, min(fixed.grid.spacing))  # never upsample a coarse image
     pair = prepare_pair(fixed, moving, spacing=spacing, shape=shape, device=device)
     timings["prepare"] = time.perf_counter() - t0
     f, m = pair.fixed_t, pair.moving_t

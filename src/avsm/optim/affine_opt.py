@@ -92,6 +92,6 @@ def optimise_affine(
             bar.update(1)
             if it % 25 == 0 or it == iters - 1:
                 log.debug("affine-opt scale %.2f it %d loss %.5f", scale, it, loss.item())
-                cfg.history.append({"stage": "affine", "scale": scale, "iter": it, "loss": float(loss)})
+                cfg.history.append({"stage": "affine", "scale": scale, "iter": it, "loss": loss.item()})
     bar.close()
     return A.detach(), b.detach()

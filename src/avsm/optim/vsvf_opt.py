@@ -109,7 +109,7 @@ def optimise_vsvf(
             r = step.energy.mean()
             loss = s + cfg.reg_weight * r
             loss.backward()
-            state.update(sim=float(s), reg=float(r), loss=float(loss))
+            state.update(sim=s.item(), reg=r.item(), loss=loss.item())
             return loss
 
         for it in range(iters):

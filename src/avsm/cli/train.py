@@ -1,0 +1,78 @@
+"""``avsm train``: train the AVSM networks (stage ``affine`` then stage ``vsvf``).
+
+Examples::
+
+    avsm train --data prepared/ --out runs/affine --stage affine --epochs 30 --single-step-epochs 10
+    avsm train --data prepared/ --out runs/vsvf --stage vsvf --init-from runs/affine/best.pt --epochs 20
+    avsm train --export runs/vsvf/best.pt --to src/avsm/data/weights/avsm_brain.pt
+    torchrun --nproc_per_node 2 -m avsm.cli.main train ...   # DDP (gloo on CPU, nccl on GPU)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def add_parser(subparsers: Any) -> None:
+    """Register the ``train`` sub-command."""
+    p = subparsers.add_parser("train", help="train the AVSM networks",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", help="prepared folder (scripts/prepare_training_data.py)")
+    p.add_argument("--out", default="runs/avsm", help="output folder")
+    p.add_argument("--stage", choices=("affine", "vsvf"), default="affine")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--iters-per-epoch", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--lr-halve-every", type=int, default=60, help="epochs between lr halvings")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-augment", action="store_true", help="switch augmentation off")
+    p.add_argument("--no-symmetric", action="store_true", help="one direction only (no consistency terms)")
+    p.add_argument("--single-step-epochs", type=int, default=0, help="affine stage: single-step epochs first")
+    p.add_argument("--init-from", help="start from this checkpoint/weights (vsvf stage: the affine result)")
+    p.add_argument("--resume", help="resume exactly from this last.pt")
+    p.add_argument("--val-per-volume", type=int, default=1)
+    p.add_argument("--max-minutes", type=float, default=0.0, help="stop after this wall time (0: no limit)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--model", default="{}", help="JSON of AVSMConfig fields for a fresh model")
+    p.add_argument("--augmentation", default="{}", help="JSON of AugmentConfig fields")
+    p.add_argument("--export", metavar="CKPT", help="only export CKPT as a slim weights file (--to)")
+    p.add_argument("--to", help="destination of --export")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Execute ``avsm train``."""
+    from avsm.errors import AvsmError
+    from avsm.train.trainer import TrainConfig, export_weights, train
+
+    if args.export:
+        if not args.to:
+            raise AvsmError("--export needs --to")
+        dest = export_weights(args.export, args.to)
+        log.info("wrote %s", dest)
+        return 0
+    if not args.data:
+        raise AvsmError("--data is required")
+    try:
+        model_cfg = json.loads(args.model)
+        aug_cfg = json.loads(args.augmentation)
+    except json.JSONDecodeError as e:
+        raise AvsmError(f"--model/--augmentation must be JSON objects: {e}") from e
+    cfg = TrainConfig(
+        data=args.data, out=args.out, stage=args.stage, epochs=args.epochs,
+        iters_per_epoch=args.iters_per_epoch, batch_size=args.batch_size, lr=args.lr,
+        lr_halve_every=args.lr_halve_every, seed=args.seed, augment=not args.no_augment,
+        symmetric=not args.no_symmetric, single_step_epochs=args.single_step_epochs,
+        init_from=args.init_from, resume=args.resume, val_per_volume=args.val_per_volume,
+        max_minutes=args.max_minutes, device=args.device, threads=args.threads,
+        model=model_cfg, augmentation=aug_cfg,
+    )
+    train(cfg)
+    return 0

@@ -1,0 +1,505 @@
+"""Export of avsm registrations as ITK/ANTs transforms, and import of foreign transforms.
+
+Conventions (verified against ``antspyx`` 0.6.3 / ITK 5.4, see ``tests/test_export.py``):
+
+* Everything is a **pull-back** in the physical LPS world (mm): a transform maps a
+  point of the *fixed* (reference) space to the point of the *moving* space to
+  read, exactly like ``result.world_map()`` and ``sitk.Resample``.
+* ANTs' transform list ``[T0, T1, ..., Tn]`` (``antsApplyTransforms -t T0 -t T1 ...``,
+  ``ants.apply_transforms(transformlist=[T0, T1])``) maps a reference point ``x``
+  to ``Tn(...T1(T0(x)))``: **the first listed transform is applied first to the
+  point**.  ANTs' own output ``[P1Warp.nii.gz, P0GenericAffine.mat]`` therefore
+  means ``total(x) = Affine(x + d(x))``: the warp's displacement ``d`` lives on
+  the fixed grid and is applied before the affine.  In a SimpleITK
+  ``CompositeTransform`` the *last added* transform is applied first, so the
+  list is added in reverse order (:func:`load_transform` does this).
+* The inverse, ANTs-style, is ``[[P0GenericAffine.mat, inverted], P1InverseWarp.nii.gz]``:
+  ``total^-1(y) = Affine^-1(y) + e(Affine^-1(y))``; ``P1InverseWarp`` therefore
+  also lives on the **fixed** grid (as in ANTs).
+* Displacement fields are written as 3-component vector images (ITK writes
+  NIfTI with ``intent_code`` 1007, dims ``(X, Y, Z, 1, 3)``) holding LPS mm
+  displacements ``T(x) - x`` at the voxel centres of their grid.
+
+Files written by :func:`write_transforms` for a prefix ``P``:
+
+==========================  ==========================================================
+``P0GenericAffine.mat``     affine part, ITK ``AffineTransform_double_3_3`` (MATLAB format, as ANTs)
+``P0GenericAffine.tfm``     the same transform as ITK text
+``P1Warp.nii.gz``           ``d(x) = Affine^-1(total(x)) - x`` on the fixed image's own grid
+``P1InverseWarp.nii.gz``    ``e(z) = total^-1(Affine(z)) - z`` on the fixed image's own grid
+``PComposite.nii.gz``       ``total(x) - x`` on the fixed image's own grid
+``PInverseComposite.nii.gz`` ``total^-1(y) - y`` on the moving image's own grid
+``Pdisp_l2r.nii.gz``        (``"l2r"``) Learn2Reg voxel displacement, see :func:`l2r_displacement`
+==========================  ==========================================================
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from avsm.core.coords import centred_to_homogeneous
+from avsm.errors import AvsmError
+from avsm.io.geometry import Grid
+from avsm.io.outputs import OutputTransaction
+
+if TYPE_CHECKING:
+    from avsm.api import RegistrationResult
+
+__all__ = [
+    "FORMATS",
+    "ROLES",
+    "world_affine",
+    "affine_to_sitk",
+    "grid_world_points",
+    "world_points_to_displacement",
+    "displacement_image",
+    "export_fields",
+    "l2r_displacement",
+    "write_transforms",
+    "load_transform",
+    "parse_transform_spec",
+    "transform_paths_for_prefix",
+]
+
+log = logging.getLogger(__name__)
+
+#: Output formats understood by :func:`write_transforms`.
+FORMATS: tuple[str, ...] = ("ants", "l2r")
+
+#: role -> file-name suffix appended to the prefix.
+ROLES: dict[str, str] = {
+    "affine": "0GenericAffine.mat",
+    "affine_tfm": "0GenericAffine.tfm",
+    "warp": "1Warp.nii.gz",
+    "inverse_warp": "1InverseWarp.nii.gz",
+    "composite": "Composite.nii.gz",
+    "inverse_composite": "InverseComposite.nii.gz",
+    "l2r": "disp_l2r.nii.gz",
+}
+
+_TRANSFORM_EXTS = (".mat", ".tfm", ".txt", ".h5", ".hdf5", ".hdf", ".xfm")
+_IMAGE_EXTS = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
+
+_DTYPES = {"float32": np.float32, "float64": np.float64}
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def world_affine(result: RegistrationResult) -> np.ndarray:
+    """The affine part of ``result`` as a world (LPS mm) pull-back matrix.
+
+    Built from ``result.A``, ``result.b`` (centred, working unit coordinates):
+    ``M = moving_grid.unit_to_world @ H(A, b) @ fixed_grid.world_to_unit``.
+
+    Returns:
+        ``(4, 4)`` float64 homogeneous matrix: fixed-space point (mm) -> moving-space point (mm).
+    """
+    A = torch.as_tensor(result.A, dtype=torch.float64).reshape(1, 3, 3)
+    b = torch.as_tensor(result.b, dtype=torch.float64).reshape(1, 3)
+    H = centred_to_homogeneous(A, b)[0].numpy()
+    return result.moving_grid.unit_to_world() @ H @ result.fixed_grid.world_to_unit()
+
+
+def affine_to_sitk(M: np.ndarray, center: Sequence[float] = (0.0, 0.0, 0.0)) -> sitk.AffineTransform:
+    """An ITK ``AffineTransform`` equal to the homogeneous matrix ``M``.
+
+    Args:
+        M: ``(4, 4)`` world matrix (``y = M[:3, :3] x + M[:3, 3]``, mm).
+        center: fixed parameter (rotation centre, mm); the mapping does not depend on it.
+
+    Returns:
+        ``sitk.AffineTransform`` with ``TransformPoint(x) == (M @ [x, 1])[:3]``.
+    """
+    M = np.asarray(M, dtype=np.float64)
+    L = M[:3, :3]
+    c = np.asarray(center, dtype=np.float64)
+    t = M[:3, 3] + L @ c - c  # ITK: y = L (x - c) + c + t
+    tr = sitk.AffineTransform(3)
+    tr.SetCenter(tuple(float(v) for v in c))
+    tr.SetMatrix(tuple(float(v) for v in L.reshape(-1)))
+    tr.SetTranslation(tuple(float(v) for v in t))
+    return tr
+
+
+def grid_world_points(grid: Grid) -> np.ndarray:
+    """World (LPS mm) positions of the voxel centres of ``grid``.
+
+    Returns:
+        ``(3, D, H, W)`` float64; channel ``k`` is world coordinate ``k`` (x, y, z).
+    """
+    D, H, W = grid.shape
+    iz, iy, ix = np.meshgrid(np.arange(D), np.arange(H), np.arange(W), indexing="ij")
+    idx = np.stack([ix, iy, iz], axis=0).reshape(3, -1).astype(np.float64)
+    M = grid.index_to_world()
+    return (M[:3, :3] @ idx + M[:3, 3:4]).reshape(3, D, H, W)
+
+
+def _as_points(points: torch.Tensor | np.ndarray) -> np.ndarray:
+    """``(1, 3, D, H, W)`` or ``(3, D, H, W)`` tensor/array -> ``(3, D, H, W)`` float64 array."""
+    if isinstance(points, torch.Tensor):
+        points = points.detach().cpu().double().numpy()
+    arr = np.asarray(points, dtype=np.float64)
+    if arr.ndim == 5:
+        if arr.shape[0] != 1:
+            raise ValueError(f"expected a batch of 1, got {arr.shape}")
+        arr = arr[0]
+    if arr.ndim != 4 or arr.shape[0] != 3:
+        raise ValueError(f"expected points of shape (1, 3, D, H, W) or (3, D, H, W), got {arr.shape}")
+    return arr
+
+
+def world_points_to_displacement(points: torch.Tensor | np.ndarray, grid: Grid) -> np.ndarray:
+    """Displacement ``points - x`` at the voxel centres ``x`` of ``grid``.
+
+    Args:
+        points: ``(1, 3, D, H, W)`` or ``(3, D, H, W)`` world points (LPS mm) that the
+            voxels of ``grid`` map to (e.g. ``result.world_map(grid)``).
+        grid: the grid the points are given on (``grid.shape == (D, H, W)``).
+
+    Returns:
+        ``(3, D, H, W)`` float64 displacement in LPS mm.
+    """
+    arr = _as_points(points)
+    if tuple(arr.shape[1:]) != grid.shape:
+        raise ValueError(f"points shape {arr.shape[1:]} does not match grid shape {grid.shape}")
+    return arr - grid_world_points(grid)
+
+
+def displacement_image(disp: np.ndarray, grid: Grid, dtype: str = "float32") -> sitk.Image:
+    """A displacement field as the vector image ITK/ANTs read.
+
+    Args:
+        disp: ``(3, D, H, W)`` LPS mm displacement (channel = world x, y, z).
+        grid: its grid.
+        dtype: ``"float32"`` (as ANTs writes) or ``"float64"``.
+
+    Returns:
+        ``sitk.Image`` of size ``grid.itk_size`` with 3 components per voxel
+        (``sitkVectorFloat32``/``64``) and ``grid``'s geometry.
+    """
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {tuple(_DTYPES)}, got {dtype!r}")
+    arr = np.ascontiguousarray(np.moveaxis(np.asarray(disp), 0, -1).astype(_DTYPES[dtype]))
+    img = sitk.GetImageFromArray(arr, isVector=True)
+    return grid.apply_to(img)
+
+
+def _affine_image_grid(M: np.ndarray, grid: Grid) -> Grid:
+    """A (possibly sheared) pseudo-grid whose voxel centres are ``M`` applied to ``grid``'s.
+
+    Used to evaluate ``result.world_map`` at the points ``M(x)``; only its
+    ``unit_to_world`` matters, so the direction need not be orthonormal.
+    """
+    I2W = np.asarray(M, dtype=np.float64) @ grid.index_to_world()
+    return Grid(shape=grid.shape, spacing=(1.0, 1.0, 1.0), origin=tuple(I2W[:3, 3]),
+                direction=tuple(I2W[:3, :3].reshape(-1)))
+
+
+def _apply(M: np.ndarray, pts: np.ndarray) -> np.ndarray:
+    """Apply a ``(4, 4)`` matrix to ``(3, ...)`` points."""
+    flat = pts.reshape(3, -1)
+    return (M[:3, :3] @ flat + M[:3, 3:4]).reshape(pts.shape)
+
+
+def export_fields(result: RegistrationResult) -> dict[str, np.ndarray]:
+    """All displacement fields of the ANTs-style export, in memory.
+
+    Returns:
+        ``{"affine": (4, 4) world matrix (fixed mm -> moving mm),
+        "warp": (3, *fixed.shape), "inverse_warp": (3, *fixed.shape),
+        "composite": (3, *fixed.shape), "inverse_composite": (3, *moving.shape)}``;
+        the fields are float64 LPS mm displacements on the images' own grids
+        (``result.fixed_original`` / ``result.moving_original``).
+    """
+    fixed, moving = result.fixed_original, result.moving_original
+    M = world_affine(result)
+    Minv = np.linalg.inv(M)
+    xf = grid_world_points(fixed)
+    total = _as_points(result.world_map(fixed))  # total(x), x on fixed grid
+    composite = total - xf
+    warp = _apply(Minv, total) - xf  # Affine(x + d(x)) = total(x)
+    inv_total_on_moving = _as_points(result.world_map(moving, inverse=True))
+    inverse_composite = inv_total_on_moving - grid_world_points(moving)
+    # e(z) = total^-1(Affine(z)) - z, z on the fixed grid
+    inv_at_affine = _as_points(result.world_map(_affine_image_grid(M, fixed), inverse=True))
+    inverse_warp = inv_at_affine - xf
+    # avsm's inverse is only defined on the moving image's box; where Affine(z) leaves
+    # it, invert the forward warp (defined on the whole fixed box) by fixed-point iteration.
+    u = _apply(result.moving_grid.world_to_unit(), _apply(M, xf))
+    outside = ((u < -1e-6) | (u > 1 + 1e-6)).any(axis=0)
+    if outside.any():
+        inverse_warp[:, outside] = _invert_displacement_at(warp, fixed, xf[:, outside],
+                                                           inverse_warp[:, outside])
+    return {"affine": M, "warp": warp, "inverse_warp": inverse_warp,
+            "composite": composite, "inverse_composite": inverse_composite}
+
+
+def _invert_displacement_at(disp: np.ndarray, grid: Grid, z: np.ndarray, e0: np.ndarray,
+                            iterations: int = 50) -> np.ndarray:
+    """Solve ``x + disp(x) = z`` for ``x`` by fixed-point iteration; returns ``x - z``.
+
+    Args:
+        disp: ``(3, D, H, W)`` displacement (mm) on ``grid`` (trilinear, border-clamped).
+        grid: its grid.
+        z: ``(3, N)`` world points (mm).
+        e0: ``(3, N)`` initial guess of ``x - z``.
+        iterations: number of iterations (converges when ``|grad disp| < 1``).
+
+    Returns:
+        ``(3, N)`` float64 inverse displacement ``e(z)`` in mm.
+    """
+    from scipy.ndimage import map_coordinates
+
+    W2I = np.linalg.inv(grid.index_to_world())
+    e = np.array(e0, dtype=np.float64)
+    for _ in range(iterations):
+        idx = _apply(W2I, z + e)  # (3 [x, y, z], N)
+        coords = idx[::-1]  # array order (z, y, x)
+        d = np.stack([map_coordinates(disp[c], coords, order=1, mode="nearest") for c in range(3)])
+        e_new = -d
+        if np.abs(e_new - e).max() < 1e-7:
+            e = e_new
+            break
+        e = e_new
+    return e
+
+
+def l2r_displacement(result: RegistrationResult) -> np.ndarray:
+    """Learn2Reg-style voxel displacement on the fixed image's own grid.
+
+    ``disp[c, i, j, k] = m_c(total(x_ijk)) - (i, j, k)_c`` where ``m`` is the
+    continuous ITK index (x, y, z order) in the moving image's own grid and
+    ``(i, j, k)`` the fixed voxel index (x, y, z); so
+    ``scipy.ndimage.map_coordinates(moving_xyz, identity + disp)`` reproduces
+    the warp (Learn2Reg's evaluation convention; exact when both images share a grid).
+
+    Returns:
+        ``(3, X, Y, Z)`` float64 array in moving voxel units (nibabel/ITK index order).
+    """
+    fixed, moving = result.fixed_original, result.moving_original
+    total = _as_points(result.world_map(fixed))  # (3, D, H, W)
+    m_idx = _apply(np.linalg.inv(moving.index_to_world()), total)  # (3 [x,y,z], D, H, W)
+    D, H, W = fixed.shape
+    iz, iy, ix = np.meshgrid(np.arange(D), np.arange(H), np.arange(W), indexing="ij")
+    disp = m_idx - np.stack([ix, iy, iz], axis=0)
+    return np.ascontiguousarray(disp.transpose(0, 3, 2, 1))  # (3, X, Y, Z)
+
+
+def _l2r_image(disp_cxyz: np.ndarray, grid: Grid) -> sitk.Image:
+    """4-D float32 image of nibabel shape ``(X, Y, Z, 3)`` carrying ``grid``'s geometry."""
+    arr = np.ascontiguousarray(disp_cxyz.transpose(0, 3, 2, 1).astype(np.float32))  # (3, Z, Y, X)
+    img = sitk.GetImageFromArray(arr, isVector=False)  # size (X, Y, Z, 3)
+    img.SetSpacing(tuple(grid.spacing) + (1.0,))
+    img.SetOrigin(tuple(grid.origin) + (0.0,))
+    D4 = np.eye(4)
+    D4[:3, :3] = grid.direction_matrix
+    img.SetDirection(tuple(D4.reshape(-1)))
+    return img
+
+
+def _write_image(img: sitk.Image, tmp: str, final: str) -> None:
+    try:
+        sitk.WriteImage(img, tmp, True)
+    except RuntimeError as e:
+        raise AvsmError(f"cannot write transform image: {str(e).strip().splitlines()[-1][:160]}", final) from e
+
+
+def write_transforms(
+    result: RegistrationResult,
+    prefix: str,
+    tx: OutputTransaction,
+    *,
+    formats: Sequence[str] = ("ants",),
+    dtype: str = "float32",
+) -> dict[str, str]:
+    """Write ``result`` as ANTs/ITK transform files (and optionally Learn2Reg output).
+
+    Files are staged through ``tx.path(final)`` and appear only when ``tx`` commits.
+    ANTs order (verified): ``ants.apply_transforms(fixed, moving,
+    transformlist=[P1Warp.nii.gz, P0GenericAffine.mat])`` equals
+    ``result.warp(moving)``; ``transformlist=[P0GenericAffine.mat, P1InverseWarp.nii.gz]``
+    with ``whichtoinvert=[True, False]`` equals ``result.warp(fixed, inverse=True)``;
+    ``[PComposite.nii.gz]`` / ``[PInverseComposite.nii.gz]`` alone do the same.
+
+    Args:
+        result: the registration.
+        prefix: output prefix, e.g. ``"out/pair_"`` (file names as in the module docstring).
+        tx: the output transaction of the run.
+        formats: any of ``"ants"`` (affine ``.mat``/``.tfm``, warp, inverse warp,
+            composite, inverse composite) and ``"l2r"`` (``Pdisp_l2r.nii.gz``:
+            4-D float32, nibabel shape ``(X, Y, Z, 3)`` on the fixed grid, moving voxel units).
+        dtype: ``"float32"`` (default, as ANTs) or ``"float64"`` for the ANTs fields.
+
+    Returns:
+        ``{role: final path}`` with roles from :data:`ROLES`.
+
+    Raises:
+        AvsmError: unknown format, or a file cannot be written.
+    """
+    formats = tuple(formats)
+    bad = [f for f in formats if f not in FORMATS]
+    if bad or not formats:
+        raise AvsmError(f"unknown transform format(s) {bad or formats}; choose from {', '.join(FORMATS)}")
+    prefix = os.fspath(prefix)
+    out: dict[str, str] = {}
+
+    def final(role: str) -> str:
+        return prefix + ROLES[role]
+
+    if "ants" in formats:
+        fields = export_fields(result)
+        fixed, moving = result.fixed_original, result.moving_original
+        centre = grid_world_points(fixed).reshape(3, -1).mean(axis=1)
+        aff = affine_to_sitk(fields["affine"], centre)
+        for role in ("affine", "affine_tfm"):
+            p = final(role)
+            try:
+                sitk.WriteTransform(aff, tx.path(p))
+            except RuntimeError as e:
+                raise AvsmError("cannot write transform file", p) from e
+            out[role] = p
+        for role, grid in (("warp", fixed), ("inverse_warp", fixed),
+                           ("composite", fixed), ("inverse_composite", moving)):
+            p = final(role)
+            _write_image(displacement_image(fields[role], grid, dtype), tx.path(p), p)
+            out[role] = p
+    if "l2r" in formats:
+        p = final("l2r")
+        _write_image(_l2r_image(l2r_displacement(result), result.fixed_original), tx.path(p), p)
+        out["l2r"] = p
+    log.info("wrote transforms %s", ", ".join(sorted(out.values())))
+    return out
+
+
+# --------------------------------------------------------------------------- import
+
+
+_SPEC = re.compile(r"^\[\s*(?P<path>.+?)\s*,\s*(?P<inv>[01]|true|false)\s*\]$", re.IGNORECASE)
+
+
+def parse_transform_spec(spec: str) -> tuple[str, bool]:
+    """Parse an ANTs-style transform argument: ``"file"`` or ``"[file,1]"`` (inverted).
+
+    Returns:
+        ``(path, invert)``.
+    """
+    m = _SPEC.match(spec.strip())
+    if m:
+        return m.group("path"), m.group("inv").lower() in ("1", "true")
+    return spec, False
+
+
+def transform_paths_for_prefix(prefix: str, *, inverse: bool = False) -> list[tuple[str, bool]] | None:
+    """The ANTs transform list of an avsm/ANTs output prefix, if its files exist.
+
+    Args:
+        prefix: e.g. ``"out/pair_"`` (files ``out/pair_0GenericAffine.mat`` ...).
+        inverse: the moving -> fixed direction instead.
+
+    Returns:
+        ``[(path, invert), ...]`` in ANTs order, or ``None`` when the files are not there.
+    """
+    comp = prefix + ROLES["inverse_composite" if inverse else "composite"]
+    if os.path.isfile(comp):
+        return [(comp, False)]
+    aff = prefix + ROLES["affine"]
+    warp = prefix + ROLES["inverse_warp" if inverse else "warp"]
+    if os.path.isfile(aff):
+        if inverse:
+            return [(aff, True)] + ([(warp, False)] if os.path.isfile(warp) else [])
+        return ([(warp, False)] if os.path.isfile(warp) else []) + [(aff, False)]
+    return None
+
+
+def _is_image_file(path: str) -> bool:
+    low = path.lower()
+    return any(low.endswith(e) for e in _IMAGE_EXTS)
+
+
+def _read_one(path: str, invert: bool) -> sitk.Transform:
+    """One transform file (linear ITK/ANTs file or displacement-field image)."""
+    if not os.path.exists(path):
+        raise AvsmError("transform file not found", path)
+    if os.path.isdir(path):
+        raise AvsmError("is a directory, not a transform file", path)
+    if _is_image_file(path):
+        try:
+            img = sitk.ReadImage(path)
+        except RuntimeError as e:
+            raise AvsmError("cannot read displacement field (corrupt or unknown format)", path) from e
+        if img.GetDimension() == 4 and img.GetSize()[3] == 1 and img.GetNumberOfComponentsPerPixel() == 3:
+            img = img[:, :, :, 0]
+        if img.GetDimension() != 3 or img.GetNumberOfComponentsPerPixel() != 3:
+            raise AvsmError(
+                f"not a 3-D displacement field (dimension {img.GetDimension()}, "
+                f"{img.GetNumberOfComponentsPerPixel()} components per voxel; expected 3)", path)
+        if invert:
+            raise AvsmError("a displacement field cannot be inverted; use its inverse-warp file", path)
+        arr = sitk.GetArrayViewFromImage(img)
+        if not np.isfinite(arr).all():
+            raise AvsmError("displacement field contains NaN or Inf", path)
+        return sitk.DisplacementFieldTransform(sitk.Cast(img, sitk.sitkVectorFloat64))
+    try:
+        tr = sitk.ReadTransform(path)
+    except RuntimeError as e:
+        raise AvsmError("cannot read transform file (corrupt or unknown format)", path) from e
+    if tr.GetDimension() != 3:
+        raise AvsmError(f"transform is {tr.GetDimension()}-D; expected 3-D", path)
+    if invert:
+        try:
+            tr = tr.GetInverse()
+        except RuntimeError as e:
+            raise AvsmError("transform cannot be inverted", path) from e
+    return tr
+
+
+def load_transform(
+    paths: Sequence[str | tuple[str, bool]],
+    *,
+    invert: Sequence[bool] | None = None,
+) -> sitk.CompositeTransform:
+    """Read transforms as one SimpleITK composite, with ``antsApplyTransforms`` list semantics.
+
+    A reference-space point ``x`` is mapped to ``Tn(...T1(T0(x)))`` for the list
+    ``[T0, ..., Tn]`` (the first listed is applied first to the point), e.g.
+    ``[P1Warp.nii.gz, P0GenericAffine.mat]`` for ANTs/avsm forward output.
+
+    Args:
+        paths: files: ITK/ANTs linear transforms (``.mat``, ``.tfm``, ``.txt``,
+            ``.h5``) or displacement-field images (``.nii[.gz]``, ``.nrrd``,
+            ``.mha``...; 3-component LPS mm vectors).  Each item may be a path,
+            an ANTs spec ``"[path,1]"`` (inverted), or a ``(path, invert)`` tuple.
+        invert: per-item inversion flags (overrides the specs).
+
+    Returns:
+        ``sitk.CompositeTransform`` (3-D) whose ``TransformPoint`` is the pull-back.
+
+    Raises:
+        AvsmError: a missing/corrupt file, a non-3-D transform, or an inverted
+            displacement field (one line naming the file).
+    """
+    items: list[tuple[str, bool]] = []
+    for p in paths:
+        if isinstance(p, tuple):
+            items.append((os.fspath(p[0]), bool(p[1])))
+        else:
+            items.append(parse_transform_spec(os.fspath(p)))
+    if invert is not None:
+        if len(invert) != len(items):
+            raise ValueError("invert must have one flag per transform")
+        items = [(p, bool(i)) for (p, _), i in zip(items, invert)]
+    if not items:
+        raise AvsmError("no transform given")
+    comp = sitk.CompositeTransform(3)
+    for path, inv in reversed(items):  # sitk applies the last added first
+        comp.AddTransform(_read_one(path, inv))
+    return comp

@@ -1,0 +1,333 @@
+"""AVSM: the joint multi-step affine + vSVF registration network.
+
+Forward pass (all maps pull-back, unit coordinates, see :mod:`avsm.core.coords`):
+
+1. the multi-step affine network (:class:`avsm.models.affine.MultiStepAffine`)
+   turns the initial affine ``(A0, b0)`` (e.g. the physical identity between
+   the working grids) into ``(A, b)``; in stage 2 it is frozen and runs with
+   its test-time step count under ``no_grad``;
+2. ``T`` vSVF steps, starting from ``Φ_0`` = the affine map on the fixed grid.
+   Step ``k``: ``m_k = U(cat(I_m ∘ Φ_{k-1}, I_f))`` (momentum at half
+   resolution, :class:`avsm.nets.momentum_unet.MomentumUNet`), then
+   ``Φ_k = Φ_{k-1} ∘ exp(−K ⋆ m_k)`` (:class:`avsm.models.vsvf.VSVF`).  The
+   moving image is always interpolated once, from the original, with the
+   composed map.
+
+Loss (stage 2, :meth:`AVSM.training_loss`), summed over the vSVF steps and
+averaged over the two directions of the symmetric pair::
+
+    Σ_k  mkLNCC(I_m ∘ Φ_k, I_f) + λ_vr ⟨m_k, v_k⟩ + λ_vs · N_vox · IC(Φ_k^{st}, Φ_k^{ts})
+
+``IC`` is :func:`avsm.losses.consistency.map_inverse_consistency` (mean over
+voxels of ``‖Φ_st ∘ Φ_ts − id‖²``); multiplying by the voxel count makes
+``λ_vs`` act on the voxel *sum*, the paper's scale (λ_vs = 1e-4).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from avsm.core.coords import affine_map, identity_affine, invert_affine
+from avsm.core.sampling import warp
+from avsm.core.smoothing import DEFAULT_SIGMAS
+from avsm.losses.consistency import map_inverse_consistency
+from avsm.losses.lncc import MKLNCC
+from avsm.models.affine import MultiStepAffine, _autocast
+from avsm.models.vsvf import VSVF
+from avsm.nets.affine_net import AffineNet
+from avsm.nets.momentum_unet import DIVISOR, MomentumUNet
+
+
+@dataclass
+class AVSMConfig:
+    """Hyper-parameters of an AVSM model (stored with every checkpoint).
+
+    Attributes:
+        working_spacing: working-grid spacing in mm used by :func:`avsm.api.register`.
+        affine_base: base channels of the affine CNN; ``affine_depth`` its stride-2 stages.
+        unet_base: base channels of the momentum U-Net.
+        affine_steps_train, affine_steps_test: multi-step affine counts.
+        vsvf_steps_train, vsvf_steps_test: vSVF step counts.
+        lambda_ar_C, lambda_ar_K: decaying affine regulariser ``C K / (K + e^{epoch/K})``.
+        lambda_ar_min: floor of that weight.
+        lambda_as: affine symmetry (inverse-consistency) weight.
+        lambda_vr: vSVF regulariser weight on ``⟨m, v⟩``.
+        lambda_vs: vSVF inverse-consistency weight (on the voxel sum, see module doc).
+        sigmas: multi-Gaussian σ (unit domain); ``sigma_weights`` ``None`` = ∝ σ.
+        time_steps: RK4 steps over unit time.
+        integrator: ``rk4`` or ``euler``.
+        amp: bf16 autocast for the CNNs on CUDA.
+    """
+
+    working_spacing: float = 3.2
+    affine_base: int = 8
+    affine_depth: int = 5
+    unet_base: int = 8
+    affine_steps_train: int = 3
+    affine_steps_test: int = 7
+    vsvf_steps_train: int = 2
+    vsvf_steps_test: int = 2
+    lambda_ar_C: float = 10.0
+    lambda_ar_K: float = 4.0
+    lambda_ar_min: float = 1e-3
+    lambda_as: float = 10.0
+    lambda_vr: float = 10.0
+    lambda_vs: float = 1e-4
+    sigmas: tuple[float, ...] = DEFAULT_SIGMAS
+    sigma_weights: tuple[float, ...] | None = None
+    time_steps: int = 10
+    integrator: str = "rk4"
+    amp: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly dict (tuples become lists)."""
+        d = dataclasses.asdict(self)
+        d["sigmas"] = list(self.sigmas)
+        d["sigma_weights"] = list(self.sigma_weights) if self.sigma_weights is not None else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> AVSMConfig:
+        """Inverse of :meth:`to_dict`; unknown keys are ignored (forward compatibility)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: v for k, v in d.items() if k in names}
+        if "sigmas" in kw:
+            kw["sigmas"] = tuple(float(s) for s in kw["sigmas"])
+        if kw.get("sigma_weights") is not None:
+            kw["sigma_weights"] = tuple(float(s) for s in kw["sigma_weights"])
+        return cls(**kw)
+
+
+@dataclass
+class AVSMOutput:
+    """Output of :meth:`AVSM.forward`.
+
+    Attributes:
+        A, b: ``(B, 3, 3)``, ``(B, 3)`` affine stage result (fixed unit → moving unit).
+        phi: ``(B, 3, D, H, W)`` final map on the fixed grid (moving unit coordinates).
+        velocities: per vSVF step, ``(B, 3, d, h, w)`` low-resolution velocity.
+        momenta: per vSVF step, ``(B, 3, d, h, w)`` momentum.
+        warped: ``(B, C, D, H, W)`` moving image warped with ``phi``.
+        losses: named scalar loss terms (empty unless requested).
+        maps: per vSVF step, the ``(B, 3, D, H, W)`` map after that step.
+        energies: per vSVF step, ``(B,)`` ``⟨m, v⟩``.
+    """
+
+    A: torch.Tensor
+    b: torch.Tensor
+    phi: torch.Tensor
+    velocities: list[torch.Tensor]
+    momenta: list[torch.Tensor]
+    warped: torch.Tensor
+    losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    maps: list[torch.Tensor] = field(default_factory=list)
+    energies: list[torch.Tensor] = field(default_factory=list)
+
+
+class AVSM(nn.Module):
+    """Multi-step affine network followed by a multi-step vSVF network.
+
+    Args:
+        config: hyper-parameters (default :class:`AVSMConfig`).
+
+    Attributes:
+        affine: :class:`MultiStepAffine`.
+        momentum: :class:`MomentumUNet` (input ``cat(warped, fixed)``, output half-res momentum).
+        affine_frozen: stage 2 flag: the affine part runs in eval mode under ``no_grad``.
+    """
+
+    def __init__(self, config: AVSMConfig | None = None) -> None:
+        super().__init__()
+        self.config = config if config is not None else AVSMConfig()
+        c = self.config
+        self.affine = MultiStepAffine(AffineNet(1, c.affine_base, c.affine_depth),
+                                      c.affine_steps_train, c.affine_steps_test, amp=c.amp)
+        self.momentum = MomentumUNet(2, c.unet_base, 3)
+        self.affine_frozen = False
+        self._vsvf_cache: dict[tuple[int, int, int], VSVF] = {}
+        self._sim = MKLNCC()
+
+    # ------------------------------------------------------------------ helpers
+
+    def freeze_affine(self, frozen: bool = True) -> None:
+        """Freeze (stage 2) or unfreeze the affine network's parameters."""
+        self.affine_frozen = frozen
+        for p in self.affine.parameters():
+            p.requires_grad_(not frozen)
+
+    def train(self, mode: bool = True) -> AVSM:
+        """Like :meth:`nn.Module.train`, but a frozen affine part stays in eval mode."""
+        super().train(mode)
+        if self.affine_frozen:
+            self.affine.eval()
+        return self
+
+    def vsvf_for(self, full_shape: Sequence[int]) -> VSVF:
+        """The :class:`VSVF` model for a fixed grid of spatial shape ``full_shape`` (cached)."""
+        key = tuple(int(s) for s in full_shape)
+        if len(key) != 3:
+            raise ValueError(f"expected a 3-D shape, got {full_shape}")
+        vs = self._vsvf_cache.get(key)
+        if vs is None:
+            c = self.config
+            vs = VSVF(key, sigmas=c.sigmas, weights=c.sigma_weights, steps=c.time_steps,
+                      method=c.integrator)
+            self._vsvf_cache[key] = vs  # type: ignore[index]
+        return vs
+
+    def _affine_pass(self, moving: torch.Tensor, fixed: torch.Tensor, A0: torch.Tensor | None,
+                     b0: torch.Tensor | None, steps: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.affine_frozen:
+            n = self.affine.steps_test if steps is None else steps
+            with torch.no_grad():
+                out = self.affine(moving, fixed, A0, b0, steps=n)
+            return out.A.detach(), out.b.detach()
+        out = self.affine(moving, fixed, A0, b0, steps=steps)
+        return out.A, out.b
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(
+        self,
+        moving: torch.Tensor,
+        fixed: torch.Tensor,
+        A0: torch.Tensor | None = None,
+        b0: torch.Tensor | None = None,
+        *,
+        affine_steps: int | None = None,
+        vsvf_steps: int | None = None,
+        with_loss: bool = False,
+    ) -> AVSMOutput:
+        """Register ``moving`` to ``fixed``.
+
+        Args:
+            moving: ``(B, 1, d, h, w)`` moving image on any grid, intensities in [0, 1].
+            fixed: ``(B, 1, D, H, W)`` fixed image, ``D, H, W`` divisible by 16 when
+                ``vsvf_steps > 0``.
+            A0, b0: ``(B, 3, 3)``, ``(B, 3)`` initial affine (default identity).
+            affine_steps, vsvf_steps: step counts (default: the config's train/test
+                counts by ``self.training``); ``vsvf_steps = 0`` gives the affine result.
+            with_loss: fill ``losses`` with the one-direction vSVF loss terms.
+
+        Returns:
+            :class:`AVSMOutput`.
+        """
+        c = self.config
+        shape = tuple(int(s) for s in fixed.shape[2:])
+        n_v = (c.vsvf_steps_train if self.training else c.vsvf_steps_test) if vsvf_steps is None else int(vsvf_steps)
+        if n_v > 0 and any(s % DIVISOR for s in shape):
+            raise ValueError(f"fixed grid {shape} must be divisible by {DIVISOR} for the vSVF network")
+        A, b = self._affine_pass(moving, fixed, A0, b0, affine_steps)
+        phi = affine_map(A, b, shape)
+        vs = self.vsvf_for(shape) if n_v > 0 else None
+        velocities: list[torch.Tensor] = []
+        momenta: list[torch.Tensor] = []
+        maps: list[torch.Tensor] = []
+        energies: list[torch.Tensor] = []
+        losses: dict[str, torch.Tensor] = {}
+        warped = warp(moving, phi)
+        sim_total = torch.zeros((), device=fixed.device)
+        reg_total = torch.zeros((), device=fixed.device)
+        for _ in range(n_v):
+            assert vs is not None
+            with _autocast(fixed.device, c.amp):
+                m = self.momentum(torch.cat([warped, fixed], dim=1))
+            m = m.float()
+            step = vs(m, phi)
+            phi = step.phi
+            warped = warp(moving, phi)
+            velocities.append(step.v)
+            momenta.append(m)
+            maps.append(phi)
+            energies.append(step.energy)
+            if with_loss:
+                sim_total = sim_total + self._sim(warped, fixed)
+                reg_total = reg_total + step.energy.mean()
+        if with_loss:
+            losses = {"sim": sim_total, "reg": reg_total, "total": sim_total + c.lambda_vr * reg_total}
+        return AVSMOutput(A=A, b=b, phi=phi, velocities=velocities, momenta=momenta, warped=warped,
+                          losses=losses, maps=maps, energies=energies)
+
+    # ------------------------------------------------------------------ training losses
+
+    def training_loss(
+        self,
+        moving: torch.Tensor,
+        fixed: torch.Tensor,
+        A0: torch.Tensor | None = None,
+        b0: torch.Tensor | None = None,
+        *,
+        stage: str = "vsvf",
+        epoch: float = 0.0,
+        affine_steps: int | None = None,
+        vsvf_steps: int | None = None,
+        symmetric: bool = True,
+    ) -> dict[str, torch.Tensor]:
+        """The training loss of ``stage`` (``affine`` or ``vsvf``) on a batch.
+
+        Both images must lie on grids of the same shape (symmetric mode swaps them).
+
+        Args:
+            moving, fixed: ``(B, 1, D, H, W)`` images in [0, 1].
+            A0, b0: initial affine (default identity).
+            stage: ``affine`` (multi-step affine loss, vSVF unused) or ``vsvf``.
+            epoch: (fractional) epoch for the decaying affine regulariser.
+            affine_steps, vsvf_steps: step counts (default: train counts).
+            symmetric: also register ``(fixed, moving)`` and add the consistency terms.
+
+        Returns:
+            Named scalars; ``total`` is the one to back-propagate.
+        """
+        c = self.config
+        B = fixed.shape[0]
+        if A0 is None or b0 is None:
+            A0, b0 = identity_affine(B, dtype=torch.float32, device=fixed.device)
+        if stage == "affine":
+            _, losses = self.affine.loss(moving, fixed, A0, b0, epoch=epoch, steps=affine_steps,
+                                         symmetric=symmetric, sym_weight=c.lambda_as, reg_C=c.lambda_ar_C,
+                                         reg_K=c.lambda_ar_K, reg_min=c.lambda_ar_min, similarity=self._sim)
+            return losses
+        if stage != "vsvf":
+            raise ValueError(f"unknown stage {stage!r}")
+        n_v = c.vsvf_steps_train if vsvf_steps is None else int(vsvf_steps)
+        if symmetric:
+            if moving.shape != fixed.shape:
+                raise ValueError("symmetric training needs moving and fixed on grids of the same shape")
+            Ai, bi = invert_affine(A0.float(), b0.float())
+            mv = torch.cat([moving, fixed], 0)
+            fx = torch.cat([fixed, moving], 0)
+            out = self.forward(mv, fx, torch.cat([A0.float(), Ai], 0), torch.cat([b0.float(), bi], 0),
+                               affine_steps=affine_steps, vsvf_steps=n_v, with_loss=True)
+        else:
+            out = self.forward(moving, fixed, A0, b0, affine_steps=affine_steps, vsvf_steps=n_v,
+                               with_loss=True)
+        nvox = float(math.prod(fixed.shape[2:]))
+        # batch means over both directions: the average of the two directions' losses
+        sim, reg = out.losses["sim"], out.losses["reg"]
+        sym = torch.zeros((), device=fixed.device)
+        if symmetric:
+            for phi in out.maps:
+                sym = sym + map_inverse_consistency(phi[:B], phi[B:]).mean()
+        total = sim + c.lambda_vr * reg + (c.lambda_vs * nvox * sym if symmetric else 0.0)
+        return {"total": total, "sim": sim.detach(), "reg": reg.detach(), "sym": sym.detach()}
+
+    # ------------------------------------------------------------------ persistence
+
+    def export_state(self) -> dict[str, Any]:
+        """``{"config": dict, "state_dict": ...}``: what :func:`avsm.models.pretrained.load_pretrained` reads."""
+        return {"format": "avsm-model/1", "config": self.config.to_dict(),
+                "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()}}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> AVSM:
+        """Rebuild a model from :meth:`export_state`'s dict (strict key check)."""
+        model = cls(AVSMConfig.from_dict(state["config"]))
+        model.load_state_dict(state["state_dict"], strict=True)
+        return model

@@ -1,0 +1,194 @@
+"""One registration from files to files: what ``avsm register`` and the batch runner do.
+
+All inputs are read and validated before anything is computed or written;
+every output is written through an :class:`~avsm.io.outputs.OutputTransaction`
+so a failure leaves no partial files, and an output can never overwrite an
+input.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import platform
+import resource
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from avsm import __version__
+from avsm.api import register
+from avsm.errors import AvsmError
+from avsm.io.image import Volume, check_same_geometry, load_image, save_image
+from avsm.io.outputs import OutputTransaction
+from avsm.metrics.overlap import dice_per_label, mean_dice
+from avsm.optim.affine_opt import AffineOptConfig
+from avsm.optim.vsvf_opt import VSVFOptConfig
+
+log = logging.getLogger(__name__)
+
+OUTPUT_NAMES = {
+    "warped": "warped.nii.gz",
+    "warped_labels": "warped_labels.nii.gz",
+    "summary": "summary.json",
+    "qc": "qc.png",
+    "transform_prefix": "transform_",
+}
+
+
+def read_label_mapping(path: str | os.PathLike[str]) -> dict[int, int]:
+    """Read a ``fixed_label,moving_label`` CSV (header optional) into ``{fixed: moving}``."""
+    out: dict[int, int] = {}
+    try:
+        with open(path, newline="") as fh:
+            for row in csv.reader(fh):
+                if not row or row[0].strip().startswith("#"):
+                    continue
+                try:
+                    out[int(row[0])] = int(row[1])
+                except (ValueError, IndexError):
+                    if out:  # a non-numeric line after data is an error; the first may be a header
+                        raise AvsmError(f"bad label-mapping line {row!r}", path) from None
+    except OSError as e:
+        raise AvsmError(f"cannot read label mapping ({e.strerror})", path) from e
+    if not out:
+        raise AvsmError("label mapping is empty", path)
+    return out
+
+
+def _load_pair(fixed: str, moving: str, fixed_labels: str | None, moving_labels: str | None
+               ) -> tuple[Volume, Volume, Volume | None, Volume | None]:
+    fv = load_image(fixed)
+    mv = load_image(moving)
+    fl = ml = None
+    if fixed_labels:
+        fl = load_image(fixed_labels, label=True)
+        check_same_geometry(fv, fl)
+    if moving_labels:
+        ml = load_image(moving_labels, label=True)
+        check_same_geometry(mv, ml)
+    return fv, mv, fl, ml
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def register_pair(
+    fixed: str,
+    moving: str,
+    out_dir: str,
+    *,
+    moving_labels: str | None = None,
+    fixed_labels: str | None = None,
+    method: str = "net",
+    device: str = "cpu",
+    spacing: float | None = None,
+    label_mapping: str | Mapping[int, int] | None = None,
+    formats: Sequence[str] = ("ants",),
+    qc: bool = False,
+    affine_iterations: Sequence[int] | None = None,
+    vsvf_iterations: Sequence[int] | None = None,
+    affine_steps: int | None = None,
+    vsvf_steps: int | None = None,
+    model: str | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Register ``moving`` to ``fixed`` and write every output into ``out_dir``.
+
+    Outputs (all on the fixed image's own grid unless stated): ``warped.nii.gz``,
+    ``warped_labels.nii.gz`` (with ``moving_labels``), ANTs-style transforms
+    ``transform_0GenericAffine.mat``, ``transform_1Warp.nii.gz``,
+    ``transform_1InverseWarp.nii.gz`` (moving grid) and composites,
+    ``summary.json`` (method, timings, folds, Dice when both label maps are
+    given), and ``qc.png`` with ``qc``.
+
+    Returns:
+        The summary dictionary (also written to ``summary.json``).
+
+    Raises:
+        AvsmError: unreadable or invalid input, an output path equal to an input,
+            or an unwritable output directory.  Nothing is written then.
+    """
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise AvsmError("CUDA was requested but no CUDA device is available", device)
+    fv, mv, fl, ml = _load_pair(fixed, moving, fixed_labels, moving_labels)
+    mapping: Mapping[int, int] | None
+    mapping = read_label_mapping(label_mapping) if isinstance(label_mapping, (str, os.PathLike)) else label_mapping
+    inputs = [p for p in (fixed, moving, fixed_labels, moving_labels) if p]
+    affine_cfg = AffineOptConfig(iterations=tuple(affine_iterations)) if affine_iterations else AffineOptConfig()
+    vsvf_cfg = VSVFOptConfig(iterations=tuple(vsvf_iterations)) if vsvf_iterations else None
+    if method == "net+opt" and vsvf_cfg is not None:
+        vsvf_cfg.scales = (1.0,) * len(vsvf_cfg.iterations)
+    with OutputTransaction(inputs=inputs) as tx:
+        out = Path(out_dir)
+        paths = {k: str(out / v) for k, v in OUTPUT_NAMES.items()}
+        # reserve the outputs first: refuses output == input before any work
+        tx_paths = {"warped": tx.path(paths["warped"]), "summary": tx.path(paths["summary"])}
+        if ml is not None:
+            tx_paths["warped_labels"] = tx.path(paths["warped_labels"])
+        if qc:
+            tx_paths["qc"] = tx.path(paths["qc"])
+        t0 = time.perf_counter()
+        result = register(fixed=fv, moving=mv, method=method, spacing=spacing, device=device,
+                          affine_config=affine_cfg, vsvf_config=vsvf_cfg, model=model,
+                          affine_steps=affine_steps, vsvf_steps=vsvf_steps, progress=progress)
+        t_reg = time.perf_counter() - t0
+        warped = result.warp(mv)
+        save_image(warped, tx_paths["warped"])
+        det = result.jacobian_determinant()
+        summary: dict[str, Any] = {
+            "avsm_version": __version__,
+            "method": method,
+            "fixed": os.path.abspath(fixed),
+            "moving": os.path.abspath(moving),
+            "device": device,
+            "working_grid_fixed": list(result.fixed_grid.shape),
+            "working_grid_moving": list(result.moving_grid.shape),
+            "time_registration_s": round(t_reg, 3),
+            "timings_s": {k: round(v, 3) for k, v in result.timings.items()},
+            "folds": int((det < 0).sum()),
+            "fold_fraction": float((det < 0).mean()),
+            "folds_working_grid": result.folds(),
+            "jacobian_min": float(det.min()),
+            "jacobian_max": float(det.max()),
+            "peak_rss_mb": round(_peak_rss_mb(), 1),
+            "host": platform.node(),
+            "torch": torch.__version__,
+        }
+        if ml is not None:
+            wl = result.warp(ml)
+            save_image(wl, tx_paths["warped_labels"])
+            if fl is not None:
+                d = dice_per_label(wl.array, fl.array, mapping=mapping,
+                                   labels=sorted(mapping) if mapping else None)
+                aff = result.warp(ml, affine_only=True)
+                da = dice_per_label(aff.array, fl.array, mapping=mapping,
+                                    labels=sorted(mapping) if mapping else None)
+                summary["dice"] = {str(k): round(v, 4) for k, v in d.items()}
+                summary["mean_dice"] = round(mean_dice(d), 4)
+                summary["mean_dice_affine_only"] = round(mean_dice(da), 4)
+        transforms: dict[str, str] = {}
+        try:
+            from avsm.export.itk import write_transforms
+        except ImportError:  # export layer not installed in this build
+            log.warning("transform export unavailable; only images and summary written")
+        else:
+            transforms = write_transforms(result, paths["transform_prefix"], tx, formats=formats)
+        summary["outputs"] = {"warped": paths["warped"], **({"warped_labels": paths["warped_labels"]}
+                                                             if ml is not None else {}), **transforms}
+        if qc:
+            from avsm.viz.qc import pair_figure
+
+            pair_figure(fv, mv, result, tx_paths["qc"], fixed_labels=fl, moving_labels=ml)
+            summary["outputs"]["qc"] = paths["qc"]
+        with open(tx_paths["summary"], "w") as fh:
+            json.dump(summary, fh, indent=2)
+    log.info("registered %s -> %s with %s in %.1f s", moving, fixed, method, t_reg)
+    return summary
+
