@@ -272,3 +272,18 @@ def test_cli_batch_with_real_pipeline(tmp_path: Path, capsys: pytest.CaptureFixt
     assert main(argv) == 1
     rows = {r["name"]: r for r in csv.DictReader(open(out / MANIFEST_CSV))}
     assert rows["good"]["status"] == "skipped"
+
+
+def nan_register(fixed: str, moving: str, out_dir: str, **kw: Any) -> dict[str, Any]:
+    """Stub whose summary has a NaN metric and a non-JSON value."""
+    stub_register(fixed, moving, out_dir)
+    return {"mean_dice": float("nan"), "where": Path(out_dir)}
+
+
+def test_manifest_is_strict_json(tmp_path: Path) -> None:
+    csv_path = make_inputs(tmp_path / "in", n=1)
+    out = tmp_path / "out"
+    recs = run_batch(str(csv_path), str(out), register_one=nan_register, progress=False)
+    assert recs[0]["status"] == "done" and recs[0]["summary"]["mean_dice"] is None
+    for f in (out / MANIFEST_JSON, out / "p0" / DONE_NAME):
+        json.loads(f.read_text(), parse_constant=lambda c: pytest.fail(f"{f.name} has {c}"))

@@ -191,15 +191,6 @@ def test_config_roundtrip() -> None:
 
 # ---------------------------------------------------------------------- bundled model
 
-def _demo_dice(result, paths) -> float:  # noqa: ANN001
-    from avsm.io.image import load_image
-    from avsm.metrics.overlap import dice_per_label
-
-    ml = load_image(paths["moving_labels"], label=True)
-    fl = load_image(paths["fixed_labels"], label=True)
-    return ml, fl
-
-
 def test_pretrained_registers_demo_pair() -> None:
     """The bundled model beats its own affine stage on the real demo pair, without folds."""
     from avsm.api import register

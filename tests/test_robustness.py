@@ -11,7 +11,7 @@ non-integer values, 1-voxel-thick image, missing file, a directory as image, an
 output that would overwrite an input, an output folder below a regular file, an
 unwritable output folder (skipped as root).  Accepted: intensities of 1e30
 (registers; the warped image keeps the scale).  A label map with 0 labels is
-expected to be refused (currently accepted by the pipeline: xfail).
+refused.
 
 Faults: a batch killed with SIGKILL mid-pair leaves nothing a resume accepts as
 done, and the resume completes with identical files.  Property test
@@ -143,10 +143,9 @@ def _labels_like(good: dict[str, str], path: Path, **geometry: object) -> str:
 
 #: id -> builder(good, tmp) returning (extra CLI args, name of the file the message must name)
 BAD_INPUTS: dict[str, Callable[[dict[str, str], Path], tuple[list[str], str]]] = {
-    "corrupt_nifti": lambda g, t: (["--moving", str(_bytes(t / "corrupt.nii.gz", np.random.default_rng(5).bytes(3000)))],
+    "corrupt_nifti": lambda g, t: (["--moving", str(_bytes(t / "corrupt.nii.gz", _noise(5, 3000)))],
                                    "corrupt.nii.gz"),
-    "garbage_nii": lambda g, t: (["--moving", str(_bytes(t / "garbage.nii", np.random.default_rng(6).bytes(500)))],
-                                 "garbage.nii"),
+    "garbage_nii": lambda g, t: (["--moving", str(_bytes(t / "garbage.nii", _noise(6, 500)))], "garbage.nii"),
     "empty_file": lambda g, t: (["--moving", str(_bytes(t / "empty.nii.gz", b""))], "empty.nii.gz"),
     "truncated_nii_gz": lambda g, t: (["--moving", _truncated(g, t / "trunc.nii.gz", 0.6)], "trunc.nii.gz"),
     "truncated_nii": lambda g, t: (["--moving", _truncated(g, t / "trunc.nii", 0.7)], "trunc.nii"),
@@ -175,6 +174,10 @@ BAD_INPUTS: dict[str, Callable[[dict[str, str], Path], tuple[list[str], str]]] =
     "missing_file": lambda g, t: (["--moving", str(t / "nothere.nii.gz")], "nothere.nii.gz"),
     "directory_as_image": lambda g, t: (["--fixed", str(_mkdir(t / "adir.nii.gz"))], "adir.nii.gz"),
 }
+
+
+def _noise(seed: int, n: int) -> bytes:
+    return np.random.default_rng(seed).bytes(n)
 
 
 def _bytes(path: Path, data: bytes) -> Path:
@@ -251,8 +254,6 @@ def test_unwritable_output_dir(good: dict[str, str], tmp_path: Path, capsys: pyt
         out.chmod(0o700)
 
 
-@pytest.mark.xfail(reason="pipeline accepts a label map without labels (Dice becomes NaN/0); "
-                          "lead: load label maps with require_labels=True", strict=False)
 def test_label_map_with_no_labels(good: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     empty = _with_array(good, lambda a: np.zeros(a.shape, np.uint8), tmp_path / "nolabels.nii.gz")
     out = tmp_path / "out"

@@ -24,7 +24,7 @@ def synthetic_volumes(n: int = 32) -> list[VolumeRecord]:
     x = identity_map((n, n, n))[0]
     out = []
     for k, (off, radii) in enumerate([((0.0, 0.0, 0.0), (0.32, 0.36, 0.30)),
-                                      ((0.04, -0.03, 0.02), (0.30, 0.38, 0.28))]):
+                                      ((0.07, -0.05, 0.04), (0.27, 0.40, 0.26))]):
         c = torch.tensor(off).view(3, 1, 1, 1) + 0.5
         r = (((x - c) / torch.tensor(radii).view(3, 1, 1, 1)) ** 2).sum(0)
         img = torch.sigmoid((1.0 - r) * 10.0) * 0.5
@@ -82,14 +82,12 @@ def test_training_lowers_loss(tmp_path: Path) -> None:
     assert last < first - 1e-3, (first, last)
 
     torch.save(tr.checkpoint(0), tmp_path / "aff.pt")
-    cfg2 = _cfg(tmp_path / "v", stage="vsvf", augment=False, lr=3e-3, val_per_volume=0,
+    cfg2 = _cfg(tmp_path / "v", stage="vsvf", augment=False, lr=1e-3, val_per_volume=0,
                 init_from=str(tmp_path / "aff.pt"))
     tr2 = Trainer(cfg2, vols)
     assert all(not p.requires_grad for p in tr2.model.affine.parameters())
-    first = tr2.train_step(batch, 0, 0.0)["total"]
-    for _ in range(8):
-        last = tr2.train_step(batch, 0, 0.0)["total"]
-    assert last < first, (first, last)
+    totals = [tr2.train_step(batch, 0, 0.0)["total"] for _ in range(10)]
+    assert sum(totals[-3:]) / 3 < totals[0] - 1e-4, totals
 
 
 def _step_losses(path: Path) -> list[float]:

@@ -244,7 +244,18 @@ def verify_done(pair: PairSpec, pair_dir: str, options: Mapping[str, Any]) -> di
 
 
 def _json_safe(obj: Any) -> Any:
-    return json.loads(json.dumps(obj, default=str))
+    """A strict-JSON copy: unknown types become strings, NaN/Inf become ``None``."""
+
+    def fix(x: Any) -> Any:
+        if isinstance(x, float) and not (x == x and abs(x) != float("inf")):
+            return None
+        if isinstance(x, dict):
+            return {k: fix(v) for k, v in x.items()}
+        if isinstance(x, list):
+            return [fix(v) for v in x]
+        return x
+
+    return fix(json.loads(json.dumps(obj, default=str)))
 
 
 def _clean_stale(pair_dir: str) -> None:
@@ -450,7 +461,9 @@ def run_batch(
             fixed_labels, **options) -> dict`` summary (e.g.
             :func:`avsm.pipeline.register_pair`); must write only inside
             ``pair_dir`` and be picklable when ``workers > 1``.
-        workers: parallel worker processes (CPU); 1 runs in this process.
+        workers: parallel worker processes (CPU); 1 runs in this process.  With a
+            ``cuda`` device pairs run one at a time (under torchrun, ``device="cuda"``
+            becomes ``cuda:$LOCAL_RANK``).
         progress: show the batch progress bar (with ETA); the per-pair
             ``progress`` passed to ``register_one`` is always ``False`` when
             ``register_one`` accepts it through ``options``.
@@ -483,8 +496,20 @@ def run_batch(
     if not os.access(out_dir, os.W_OK | os.X_OK):
         raise AvsmError("output folder is not writable", out_dir)
 
+    for name in (MANIFEST_CSV, MANIFEST_JSON):
+        target = os.path.join(out_dir, name)
+        if any(os.path.exists(p) and os.path.samefile(target, p) for p in all_inputs if os.path.exists(target)):
+            raise AvsmError("manifest would overwrite an input file", target)
+
     rank, world = _dist_info()
     mine = pairs[rank::world]
+    device = str(options.get("device", "cpu"))
+    if device.startswith("cuda"):
+        if world > 1 and device == "cuda" and os.environ.get("LOCAL_RANK"):
+            options = {**options, "device": f"cuda:{int(os.environ['LOCAL_RANK'])}"}
+        if workers > 1:
+            log.warning("device %s: running pairs one at a time on the GPU (workers=%d ignored)", device, workers)
+            workers = 1
     if "progress" in options or register_one_accepts_progress(register_one):
         options = {**options, "progress": False}
     workers = max(1, min(int(workers), len(mine) or 1))

@@ -67,10 +67,10 @@ def _load_pair(fixed: str, moving: str, fixed_labels: str | None, moving_labels:
     mv = load_image(moving)
     fl = ml = None
     if fixed_labels:
-        fl = load_image(fixed_labels, label=True)
+        fl = load_image(fixed_labels, label=True, require_labels=True)
         check_same_geometry(fv, fl)
     if moving_labels:
-        ml = load_image(moving_labels, label=True)
+        ml = load_image(moving_labels, label=True, require_labels=True)
         check_same_geometry(mv, ml)
     return fv, mv, fl, ml
 
@@ -103,8 +103,10 @@ def register_pair(
 
     Outputs (all on the fixed image's own grid unless stated): ``warped.nii.gz``,
     ``warped_labels.nii.gz`` (with ``moving_labels``), ANTs-style transforms
-    ``transform_0GenericAffine.mat``, ``transform_1Warp.nii.gz``,
-    ``transform_1InverseWarp.nii.gz`` (moving grid) and composites,
+    ``transform_0GenericAffine.mat``, ``transform_1Warp.nii.gz`` and
+    ``transform_1InverseWarp.nii.gz`` (both on the fixed grid, as ANTs writes
+    them), ``transform_Composite.nii.gz`` (fixed grid) and
+    ``transform_InverseComposite.nii.gz`` (moving grid),
     ``summary.json`` (method, timings, folds, Dice when both label maps are
     given), and ``qc.png`` with ``qc``.
 
@@ -170,7 +172,7 @@ def register_pair(
                 aff = result.warp(ml, affine_only=True)
                 da = dice_per_label(aff.array, fl.array, mapping=mapping,
                                     labels=sorted(mapping) if mapping else None)
-                summary["dice"] = {str(k): round(v, 4) for k, v in d.items()}
+                summary["dice"] = {str(k): (round(v, 4) if v == v else None) for k, v in d.items()}
                 summary["mean_dice"] = round(mean_dice(d), 4)
                 summary["mean_dice_affine_only"] = round(mean_dice(da), 4)
         transforms: dict[str, str] = {}

@@ -44,6 +44,7 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--method-opts", default=None,
                    help='JSON {"method": {kwarg: value}} passed to the methods')
     p.add_argument("--reference", default="ants-syn", help="method for the time ratio (default %(default)s)")
+    p.add_argument("--qc", action="store_true", help="write QC figures per pair and method to OUT_DIR/qc/")
     p.set_defaults(func=run)
 
 
@@ -63,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
         raise AvsmError(f"--method-opts is not valid JSON: {e}") from e
     cfg = EvalConfig(methods=methods, out_dir=os.path.abspath(args.out_dir), consistency=not args.no_consistency,
                      border=args.border, hd95=not args.no_hd95, spacing=args.spacing, method_opts=opts,
-                     isolate=not args.in_process, threads=args.threads, reference=args.reference)
+                     isolate=not args.in_process, threads=args.threads, reference=args.reference,
+                     qc=args.qc)
     rows = evaluate(pairs, cfg, progress=sys.stderr.isatty())
     if rows is not None:
         with open(os.path.join(cfg.out_dir, "summary.md")) as fh:

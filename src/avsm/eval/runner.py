@@ -91,6 +91,7 @@ class EvalConfig:
         isolate: run every job in a fresh subprocess (true peak memory).
         threads: torch / ITK threads per job.
         reference: method whose mean time is the denominator of ``time_ratio``.
+        qc: write QC figures per row to ``<out_dir>/qc/`` (pair panel and det J map).
     """
 
     methods: list[str]
@@ -103,6 +104,7 @@ class EvalConfig:
     isolate: bool = True
     threads: int = 2
     reference: str = "ants-syn"
+    qc: bool = False
 
 
 @dataclass(frozen=True)
@@ -247,7 +249,10 @@ def _error_text(e: BaseException) -> str:
 
 
 def run_job(job: Job, pairs: Sequence[Pair], cfg: EvalConfig, *, memory_method: str | None = None) -> list[dict]:
-    """Run one job in this process and write its rows (also returned)."""
+    """Run one job in this process and write its rows (also returned).
+
+    Rows already written are left as they are (when a job reruns for its other row).
+    """
     from avsm.io.image import load_image
 
     rss0 = _rss_mb()
@@ -280,6 +285,8 @@ def run_job(job: Job, pairs: Sequence[Pair], cfg: EvalConfig, *, memory_method: 
     peak = _rss_mb()
     rows = []
     for k, p in enumerate(ps):
+        if os.path.exists(row_path(cfg.out_dir, job.method, p.pair_id)):
+            continue  # finished earlier (the job was rerun for its other row): never recompute
         row: dict[str, Any] = {"pair_id": p.pair_id, "method": job.method, "moving": p.moving, "fixed": p.fixed,
                                "time_s": times[k], "peak_rss_mb": peak, "rss_start_mb": rss0,
                                "memory_method": memory_method}
@@ -295,6 +302,8 @@ def run_job(job: Job, pairs: Sequence[Pair], cfg: EvalConfig, *, memory_method: 
             try:
                 row.update(evaluate_result(results[k], p, backward=backward, border=cfg.border, hd95=cfg.hd95))
                 row["status"] = "ok"
+                if cfg.qc:
+                    _qc_figures(results[k], p, vol(p.fixed), vol(p.moving), cfg.out_dir, job.method)
                 if back_k is not None and backward is None:
                     row["error"] = f"reverse registration failed: {errors[back_k]}"
             except Exception as e:  # noqa: BLE001
@@ -303,6 +312,24 @@ def run_job(job: Job, pairs: Sequence[Pair], cfg: EvalConfig, *, memory_method: 
         write_row(cfg.out_dir, row)
         rows.append(row)
     return rows
+
+
+def _qc_figures(result: Any, pair: Pair, fixed: Any, moving: Any, out_dir: str, method: str) -> None:
+    """Pair panel and det J figure of one row (failures are logged, never fatal)."""
+    try:
+        from avsm.io.image import load_image
+        from avsm.viz.qc import jacobian_figure, pair_figure
+
+        fl = load_image(pair.fixed_labels, label=True) if pair.fixed_labels else None
+        ml = load_image(pair.moving_labels, label=True) if pair.moving_labels else None
+        if ml is not None and pair.label_mapping:
+            vals = sorted(set(read_label_mapping(pair.label_mapping).values()))
+            ml = ml.with_array(np.where(np.isin(ml.array, vals), ml.array, 0).astype(ml.array.dtype))
+        stem = os.path.join(out_dir, "qc", f"{_safe(method)}__{_safe(pair.pair_id)}")
+        pair_figure(fixed, moving, result, stem + "_pair.png", fl, ml, title=f"{method}: {pair.pair_id}")
+        jacobian_figure(result, stem + "_detj.png")
+    except Exception as e:  # noqa: BLE001
+        log.warning("QC figures of %s on %s failed: %s", method, pair.pair_id, _error_text(e))
 
 
 def write_row(out_dir: str, row: dict[str, Any]) -> None:
@@ -468,6 +495,13 @@ def merge(pairs: Sequence[Pair], cfg: EvalConfig) -> list[dict[str, Any]]:
     atomic_write_text(os.path.join(cfg.out_dir, "summary.csv"),
                       _csv_text([SUMMARY_FIELDS] + [[_fmt(s.get(k)) for k in SUMMARY_FIELDS] for s in summ]))
     atomic_write_text(os.path.join(cfg.out_dir, "summary.md"), summary_markdown(summ, cfg.reference))
+    try:
+        from avsm.viz.qc import dice_boxplot
+
+        dice_boxplot(os.path.join(cfg.out_dir, "results.csv"), os.path.join(cfg.out_dir, "dice_boxplot.png"),
+                     methods=cfg.methods)
+    except Exception as e:  # noqa: BLE001
+        log.warning("Dice box plot failed: %s", _error_text(e))
     return rows
 
 

@@ -200,8 +200,10 @@ def _affine_image_grid(M: np.ndarray, grid: Grid) -> Grid:
     ``unit_to_world`` matters, so the direction need not be orthonormal.
     """
     I2W = np.asarray(M, dtype=np.float64) @ grid.index_to_world()
-    return Grid(shape=grid.shape, spacing=(1.0, 1.0, 1.0), origin=tuple(I2W[:3, 3]),
-                direction=tuple(I2W[:3, :3].reshape(-1)))
+    cols = I2W[:3, :3]
+    norms = np.linalg.norm(cols, axis=0)  # per-axis step (mm), so the direction stays well scaled
+    return Grid(shape=grid.shape, spacing=tuple(norms), origin=tuple(I2W[:3, 3]),
+                direction=tuple((cols / norms).reshape(-1)))
 
 
 def _apply(M: np.ndarray, pts: np.ndarray) -> np.ndarray:

@@ -350,7 +350,8 @@ def load_image(
             raise AvsmError("label map contains no non-zero labels", p)
         return Volume(arr, grid, p, is_label=True)
 
-    arr = arr.astype(np.float32, copy=False)
+    with np.errstate(over="ignore", invalid="ignore"):
+        arr = arr.astype(np.float32, copy=False)
     if not np.isfinite(arr).all():
         raise AvsmError("image values overflow 32-bit floats", p)
     lo, hi = float(arr.min()), float(arr.max())
