@@ -9,12 +9,13 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from avsm.api import _apply_homogeneous, identity_result, register
+from avsm.api import identity_result, register
 from avsm.core.sampling import compose
 from avsm.io.image import Volume, load_image, save_image
 from avsm.metrics.overlap import dice_per_label, mean_dice
 from avsm.optim.affine_opt import AffineOptConfig
 from avsm.optim.vsvf_opt import VSVFOptConfig
+from avsm.transform import apply_homogeneous
 
 DATA = Path(__file__).parent / "data"
 
@@ -140,7 +141,7 @@ def test_vsvf_opt_improves_dice_over_affine_with_no_folds():
 def _compose_world(res, world_pts: torch.Tensor) -> torch.Tensor:
     """Apply the inverse transform to world points in moving space: returns fixed-space points."""
     mg = res.moving_grid
-    u = _apply_homogeneous(mg.world_to_unit(), world_pts)
+    u = apply_homogeneous(mg.world_to_unit(), world_pts)
     unit_fixed = compose(res.phi_inv.double(), u)
-    return _apply_homogeneous(res.fixed_grid.unit_to_world(), unit_fixed)
+    return apply_homogeneous(res.fixed_grid.unit_to_world(), unit_fixed)
 

@@ -33,33 +33,18 @@ import torch
 
 from avsm.core.coords import affine_map, homogeneous_to_centred, invert_affine
 from avsm.core.jacobian import jacobian_determinant
-from avsm.core.sampling import compose, warp
+from avsm.core.sampling import compose
 from avsm.errors import AvsmError
 from avsm.io.geometry import Grid, unit_affine_between
 from avsm.io.image import Volume, normalize_intensity, resample
 from avsm.models.vsvf import VSVF
 from avsm.optim.affine_opt import AffineOptConfig, optimise_affine
 from avsm.optim.vsvf_opt import VSVFOptConfig, optimise_vsvf
+from avsm.transform import WorldMapTransform, apply_homogeneous, grid_affine_map
 
 log = logging.getLogger(__name__)
 
 METHODS = ("affine", "opt", "net", "net+opt")
-
-
-def _apply_homogeneous(M: np.ndarray, pts: torch.Tensor) -> torch.Tensor:
-    """Apply a 4x4 matrix to a point field ``(B, 3, ...)`` (channels are coordinates)."""
-    Mt = torch.as_tensor(M, dtype=pts.dtype, device=pts.device)
-    flat = pts.reshape(pts.shape[0], 3, -1)
-    out = torch.einsum("ij,bjn->bin", Mt[:3, :3], flat) + Mt[:3, 3].view(1, 3, 1)
-    return out.reshape(pts.shape)
-
-
-def grid_affine_map(M: np.ndarray, shape: Sequence[int], *, dtype: torch.dtype = torch.float64,
-                    device: torch.device | str | None = None) -> torch.Tensor:
-    """Dense map on ``shape`` of a corner-origin homogeneous unit-coordinate matrix ``M`` (4x4)."""
-    Mt = torch.as_tensor(M, dtype=dtype, device=device).unsqueeze(0)
-    A, b = homogeneous_to_centred(Mt)
-    return affine_map(A, b, shape)
 
 
 @dataclass
@@ -136,7 +121,7 @@ def prepare_pair(
 
 
 @dataclass
-class RegistrationResult:
+class RegistrationResult(WorldMapTransform):
     """A registration between a fixed and a moving image, and how to use it.
 
     Attributes:
@@ -184,46 +169,7 @@ class RegistrationResult:
         inner = grid_affine_map(src.world_to_unit() @ grid.unit_to_world(), grid.shape,
                                 device=phi.device)
         unit = compose(phi, inner)
-        return _apply_homogeneous(dst.unit_to_world(), unit)
-
-    def unit_map(self, grid: Grid, target: Grid, *, inverse: bool = False,
-                 affine_only: bool = False) -> torch.Tensor:
-        """Map from ``grid``'s unit coordinates to ``target``'s unit coordinates, ``(1, 3, *grid.shape)``."""
-        return _apply_homogeneous(target.world_to_unit(),
-                                  self.world_map(grid, inverse=inverse, affine_only=affine_only))
-
-    def warp(self, volume: Volume, *, onto: Grid | None = None, inverse: bool = False,
-             mode: str | None = None, affine_only: bool = False) -> Volume:
-        """Warp a moving-space volume onto ``onto`` (default: the fixed image's grid).
-
-        ``volume`` may lie on any grid in the moving image's world (e.g. a label
-        map of another resolution).  Label maps use the ``label`` mode (never
-        invents labels, keeps the dtype) unless ``mode`` says otherwise.
-        ``inverse=True`` warps a fixed-space volume into the moving space.
-        """
-        if onto is None:
-            onto = self.moving_original if inverse else self.fixed_original
-        mode = mode or ("label" if volume.is_label else "linear")
-        u = self.unit_map(onto, volume.grid, inverse=inverse, affine_only=affine_only)
-        arr = torch.from_numpy(np.ascontiguousarray(volume.array))[None, None]
-        if mode == "linear":
-            out = warp(arr.double(), u, mode="linear").float()
-        else:
-            out = warp(arr, u, mode=mode)  # type: ignore[arg-type]
-        return Volume(out[0, 0].numpy(), onto, volume.path, volume.is_label)
-
-    def jacobian_determinant(self, grid: Grid | None = None) -> np.ndarray:
-        """Physical ``det J`` of the forward transform on ``grid`` (default: fixed's own grid).
-
-        Computed from the world map (true 3x3 determinant, central differences),
-        so it is the physical volume ratio moving/fixed; ``< 0`` marks folds.
-        """
-        grid = grid or self.fixed_original
-        wm = self.world_map(grid)
-        # derivatives w.r.t. unit coords of `grid`, converted to derivatives w.r.t. world
-        det_u = jacobian_determinant(wm)[0].numpy()
-        lin = grid.unit_to_world()[:3, :3]
-        return det_u / float(np.linalg.det(lin))
+        return apply_homogeneous(dst.unit_to_world(), unit)
 
     def folds(self) -> int:
         """Voxels with ``det J < 0`` on the fixed working grid (the registration's own grid)."""

@@ -22,18 +22,17 @@ from __future__ import annotations
 import importlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 import torch
 
-from avsm.core.coords import affine_map, homogeneous_to_centred
 from avsm.core.sampling import warp as warp_tensor
 from avsm.io.geometry import Grid
 from avsm.io.image import Volume
-from avsm.metrics.deformation import world_jacobian_determinant
+from avsm.transform import WorldMapTransform, apply_homogeneous, grid_world_points
 
 __all__ = [
     "ResultLike",
@@ -71,25 +70,6 @@ class ResultLike(Protocol):
     def jacobian_determinant(self, grid: Grid | None = None) -> np.ndarray: ...
 
 
-def _apply_h(M: np.ndarray, pts: torch.Tensor) -> torch.Tensor:
-    """Apply a 4x4 matrix to a point field ``(B, 3, ...)``."""
-    Mt = torch.as_tensor(M, dtype=pts.dtype, device=pts.device)
-    flat = pts.reshape(pts.shape[0], 3, -1)
-    out = torch.einsum("ij,bjn->bin", Mt[:3, :3], flat) + Mt[:3, 3].view(1, 3, 1)
-    return out.reshape(pts.shape)
-
-
-def _unit_grid_map(M: np.ndarray, shape: Sequence[int]) -> torch.Tensor:
-    """Dense ``(1, 3, *shape)`` float64 map of a corner-origin homogeneous unit matrix."""
-    A, b = homogeneous_to_centred(torch.as_tensor(M, dtype=torch.float64).unsqueeze(0))
-    return affine_map(A, b, shape)
-
-
-def grid_world_points(grid: Grid) -> torch.Tensor:
-    """World position (LPS, mm) of every voxel of ``grid``: ``(1, 3, *grid.shape)`` float64."""
-    return _apply_h(grid.unit_to_world(), _unit_grid_map(np.eye(4), grid.shape))
-
-
 @dataclass
 class WorldTransform:
     """A pull-back transform in world coordinates: ``x -> affine @ (x + field(x))``.
@@ -123,15 +103,15 @@ class WorldTransform:
         if self.field is not None:
             assert self.field_grid is not None
             spatial = pts.shape[2:]
-            u = _apply_h(self.field_grid.world_to_unit(), pts.reshape(1, 3, -1)).reshape(1, 3, -1, 1, 1)
+            u = apply_homogeneous(self.field_grid.world_to_unit(), pts.reshape(1, 3, -1)).reshape(1, 3, -1, 1, 1)
             f = torch.from_numpy(np.ascontiguousarray(self.field, dtype=np.float64))[None]
             d = warp_tensor(f, u, mode="linear", padding="border").reshape(1, 3, *spatial)
             pts = pts + d
-        return _apply_h(self.affine, pts)
+        return apply_homogeneous(self.affine, pts)
 
 
 @dataclass
-class FieldResult:
+class FieldResult(WorldMapTransform):
     """A registration result given by world transforms (what baselines return).
 
     Attributes:
@@ -166,43 +146,15 @@ class FieldResult:
             if affine_only:
                 if self.affine_forward is None:
                     raise NotImplementedError(f"{self.method}: no affine stage recorded")
-                return _apply_h(np.linalg.inv(self.affine_forward), pts)
+                return apply_homogeneous(np.linalg.inv(self.affine_forward), pts)
             if self.inverse is None:
                 raise NotImplementedError(f"{self.method}: the tool gives no inverse transform")
             return self.inverse(pts)
         if affine_only:
             if self.affine_forward is None:
                 raise NotImplementedError(f"{self.method}: no affine stage recorded")
-            return _apply_h(self.affine_forward, pts)
+            return apply_homogeneous(self.affine_forward, pts)
         return self.forward(pts)
-
-    def unit_map(self, grid: Grid, target: Grid, *, inverse: bool = False,
-                 affine_only: bool = False) -> torch.Tensor:
-        """Map from ``grid``'s unit coordinates to ``target``'s unit coordinates, ``(1, 3, *grid.shape)``."""
-        return _apply_h(target.world_to_unit(), self.world_map(grid, inverse=inverse, affine_only=affine_only))
-
-    def warp(self, volume: Volume, *, onto: Grid | None = None, inverse: bool = False,
-             mode: str | None = None, affine_only: bool = False) -> Volume:
-        """Warp a moving-space volume onto ``onto`` (default: the fixed image's grid).
-
-        Same semantics as :meth:`avsm.api.RegistrationResult.warp` (label maps use
-        the ``label`` mode unless ``mode`` is given).
-        """
-        if onto is None:
-            onto = self.moving_original if inverse else self.fixed_original
-        mode = mode or ("label" if volume.is_label else "linear")
-        u = self.unit_map(onto, volume.grid, inverse=inverse, affine_only=affine_only)
-        arr = torch.from_numpy(np.ascontiguousarray(volume.array))[None, None]
-        if mode == "linear":
-            out = warp_tensor(arr.double(), u, mode="linear").float()
-        else:
-            out = warp_tensor(arr, u, mode=mode)  # type: ignore[arg-type]
-        return Volume(out[0, 0].numpy(), onto, volume.path, volume.is_label)
-
-    def jacobian_determinant(self, grid: Grid | None = None) -> np.ndarray:
-        """Physical det J of the forward transform on ``grid`` (default: fixed's own grid)."""
-        grid = grid or self.fixed_original
-        return world_jacobian_determinant(self.world_map(grid), grid)
 
     def folds(self) -> int:
         """Voxels with det J < 0 on the fixed image's own grid."""

@@ -9,9 +9,9 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from avsm.core.jacobian import jacobian_determinant
 from avsm.io.image import Volume, load_image, save_image
 from avsm.io.outputs import OutputTransaction
+from avsm.transform import grid_world_points, world_jacobian_determinant
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -32,12 +32,7 @@ def world_map_of(transform: sitk.Transform, ref: Volume) -> torch.Tensor:
     f.SetReferenceImage(ref.grid.reference_image())
     f.SetOutputPixelType(sitk.sitkVectorFloat64)
     disp = sitk.GetArrayFromImage(f.Execute(transform))  # (D, H, W, 3) LPS mm, ITK order
-    M = ref.grid.unit_to_world()
-    shape = ref.grid.shape
-    idx = np.stack(np.meshgrid(*[np.linspace(0, 1, n) if n > 1 else np.zeros(1) for n in shape],
-                               indexing="ij"), 0).reshape(3, -1)
-    pts = (M[:3, :3] @ idx + M[:3, 3:4]).reshape(3, *shape)
-    return torch.from_numpy(pts + np.moveaxis(disp, -1, 0))[None]
+    return grid_world_points(ref.grid) + torch.from_numpy(np.moveaxis(disp, -1, 0))[None]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -49,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     with OutputTransaction(inputs=[args.reference, *args.transform]) as tx:
         out = tx.path(args.out)
         wm = world_map_of(transform, ref)
-        det = jacobian_determinant(wm)[0].numpy() / float(np.linalg.det(ref.grid.unit_to_world()[:3, :3]))
+        det = world_jacobian_determinant(wm, ref.grid)
         folds = int((det < 0).sum())
         arr = np.log(np.where(det > 0, det, np.nan)) if args.log else det
         save_image(Volume(arr.astype(np.float32), ref.grid), out)

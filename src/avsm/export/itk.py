@@ -49,6 +49,7 @@ from avsm.core.coords import centred_to_homogeneous
 from avsm.errors import AvsmError
 from avsm.io.geometry import Grid
 from avsm.io.outputs import OutputTransaction
+from avsm.transform import grid_world_points as _world_points
 
 if TYPE_CHECKING:
     from avsm.api import RegistrationResult
@@ -136,11 +137,7 @@ def grid_world_points(grid: Grid) -> np.ndarray:
     Returns:
         ``(3, D, H, W)`` float64; channel ``k`` is world coordinate ``k`` (x, y, z).
     """
-    D, H, W = grid.shape
-    iz, iy, ix = np.meshgrid(np.arange(D), np.arange(H), np.arange(W), indexing="ij")
-    idx = np.stack([ix, iy, iz], axis=0).reshape(3, -1).astype(np.float64)
-    M = grid.index_to_world()
-    return (M[:3, :3] @ idx + M[:3, 3:4]).reshape(3, D, H, W)
+    return _world_points(grid)[0].numpy()
 
 
 def _as_points(points: torch.Tensor | np.ndarray) -> np.ndarray:

@@ -20,21 +20,13 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import numpy as np
 import torch
 
-from avsm.core.coords import affine_map, homogeneous_to_centred
 from avsm.core.sampling import warp
 from avsm.io.geometry import Grid
+from avsm.transform import apply_homogeneous, grid_world_points
 
 __all__ = ["interpolate_world_map", "inverse_consistency_error", "inverse_consistency"]
-
-
-def _apply_h(M: np.ndarray, pts: torch.Tensor) -> torch.Tensor:
-    Mt = torch.as_tensor(M, dtype=pts.dtype, device=pts.device)
-    flat = pts.reshape(pts.shape[0], 3, -1)
-    out = torch.einsum("ij,bjn->bin", Mt[:3, :3], flat) + Mt[:3, 3].view(1, 3, 1)
-    return out.reshape(pts.shape)
 
 
 def interpolate_world_map(world_map: torch.Tensor, grid: Grid, points: torch.Tensor) -> torch.Tensor:
@@ -51,17 +43,11 @@ def interpolate_world_map(world_map: torch.Tensor, grid: Grid, points: torch.Ten
     wm = world_map.double()
     pts = points.double()
     spatial = pts.shape[2:]
-    u = _apply_h(grid.world_to_unit(), pts.reshape(1, 3, -1)).reshape(1, 3, -1, 1, 1)
-    ident = _apply_h(grid.unit_to_world(), _identity_unit(grid))
+    u = apply_homogeneous(grid.world_to_unit(), pts.reshape(1, 3, -1)).reshape(1, 3, -1, 1, 1)
+    ident = grid_world_points(grid)
     disp = wm - ident
     d = warp(disp, u, mode="linear", padding="border")
     return (pts.reshape(1, 3, -1, 1, 1) + d).reshape(1, 3, *spatial)
-
-
-def _identity_unit(grid: Grid) -> torch.Tensor:
-    M = torch.eye(4, dtype=torch.float64).unsqueeze(0)
-    A, b = homogeneous_to_centred(M)
-    return affine_map(A, b, grid.shape)
 
 
 def _interior(shape: tuple[int, ...], border: int) -> tuple[slice, ...]:
@@ -99,7 +85,7 @@ def inverse_consistency_error(
     sl = _interior(tuple(grid.shape), border)
     pts = phi_ab[(slice(None), slice(None)) + sl]
     round_trip = interpolate_world_map(phi_ba, backward_grid, pts)
-    ident = _apply_h(grid.unit_to_world(), _identity_unit(grid))[(slice(None), slice(None)) + sl]
+    ident = grid_world_points(grid)[(slice(None), slice(None)) + sl]
     err = ((round_trip - ident) ** 2).sum(1)
     return float(err.mean())
 

@@ -12,10 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
-from avsm.core.jacobian import jacobian_determinant
-from avsm.io.geometry import Grid
+from avsm.transform import world_jacobian_determinant
 
 __all__ = ["FoldStats", "world_jacobian_determinant", "fold_stats", "sd_log_jacobian"]
 
@@ -33,23 +31,6 @@ class FoldStats:
     count: int
     fraction: float
     total: int
-
-
-def world_jacobian_determinant(world_map: torch.Tensor, grid: Grid) -> np.ndarray:
-    """Physical ``det J`` of a world map sampled on ``grid``.
-
-    Args:
-        world_map: ``(1, 3, *grid.shape)`` world points (mm).
-        grid: the grid the map is sampled on (gives the voxel-to-world scale).
-
-    Returns:
-        ``grid.shape`` float64 array: ``det(d target_world / d source_world)``.
-    """
-    if tuple(world_map.shape[2:]) != tuple(grid.shape) or world_map.shape[:2] != (1, 3):
-        raise ValueError(f"world map shape {tuple(world_map.shape)} does not match grid {grid.shape}")
-    det_u = jacobian_determinant(world_map.double())[0].cpu().numpy()
-    lin = grid.unit_to_world()[:3, :3]
-    return det_u / float(np.linalg.det(lin))
 
 
 def _select(det: np.ndarray, mask: np.ndarray | None) -> np.ndarray:

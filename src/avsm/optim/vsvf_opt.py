@@ -10,7 +10,6 @@ and the momentum is upsampled between levels.  Energy:
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
