@@ -33,7 +33,7 @@ from avsm.baselines._convert import itk_affine_file_matrix, read_displacement_fi
 from avsm.baselines.base import FieldResult, MethodUnavailable, WorldTransform, working_inputs
 from avsm.io.image import Volume
 
-__all__ = ["ants_syn", "ants_syncc", "ants_register", "to_ants", "import_ants"]
+__all__ = ["ants_syn", "ants_syncc", "ants_register", "to_ants", "import_ants", "warmup"]
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,11 @@ def import_ants() -> Any:
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise MethodUnavailable(f"antspyx is not installed ({e}); pip install 'avsm[baselines]'") from e
     return ants
+
+
+def warmup() -> None:
+    """Import antspyx now (about 10 s), so that method timings exclude the import."""
+    import_ants()
 
 
 def to_ants(volume: Volume) -> Any:

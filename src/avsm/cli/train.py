@@ -44,6 +44,7 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--augmentation", default="{}", help="JSON of AugmentConfig fields")
     p.add_argument("--export", metavar="CKPT", help="only export CKPT as a slim weights file (--to)")
     p.add_argument("--to", help="destination of --export")
+    p.add_argument("--override", default="{}", help="--export: JSON of inference config fields to set")
     p.set_defaults(func=run)
 
 
@@ -55,7 +56,11 @@ def run(args: argparse.Namespace) -> int:
     if args.export:
         if not args.to:
             raise AvsmError("--export needs --to")
-        dest = export_weights(args.export, args.to)
+        try:
+            overrides = json.loads(args.override)
+        except json.JSONDecodeError as e:
+            raise AvsmError(f"--override must be a JSON object: {e}") from e
+        dest = export_weights(args.export, args.to, overrides=overrides)
         log.info("wrote %s", dest)
         return 0
     if not args.data:

@@ -14,11 +14,13 @@ files).  The merge writes ``results.csv`` (one row per pair × method) and
 ``summary.csv`` / ``summary.md`` (the paper's Table 1 layout).
 
 Peak memory: with ``isolate=True`` (the default of ``avsm evaluate``) each job
-runs in a fresh Python subprocess and reports ``resource.getrusage`` ``ru_maxrss``
-(peak resident set size of that process: interpreter, torch/ITK, images, both
-registrations; metrics are computed after the reading).  This sees torch's and
-ITK's native allocations, unlike ``tracemalloc``.  In-process runs report the
-same counter for the whole (shared) process, marked in ``memory_method``.
+runs in a fresh Python subprocess and reports its peak resident set size
+(``VmHWM`` of ``/proc/self/status``; ``getrusage`` ``ru_maxrss`` elsewhere):
+interpreter, torch/ITK, images and both registrations; metrics are computed
+after the reading.  This sees torch's and ITK's native allocations, unlike
+``tracemalloc``.  (``ru_maxrss`` itself is not used on Linux because a child
+inherits its parent's peak at ``fork``.)  In-process runs report the same
+counter for the whole (shared) process, marked in ``memory_method``.
 """
 
 from __future__ import annotations
@@ -161,6 +163,20 @@ def _job_done(job: Job, pairs: Sequence[Pair], out_dir: str) -> bool:
 
 
 def _rss_mb() -> float:
+    """Peak resident set size of this process in MiB.
+
+    ``VmHWM`` from ``/proc/self/status`` where available: it belongs to the
+    current address space, so it starts afresh at ``exec``.  ``ru_maxrss`` does
+    not on Linux (a child started by ``fork`` + ``exec`` inherits the parent's
+    peak at the fork), so it is only the fallback.
+    """
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return float(line.split()[1]) / 1024.0  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
@@ -237,8 +253,11 @@ def _method_kwargs(method: str, cfg: EvalConfig) -> dict[str, Any]:
 
 
 def _run(method: str, fixed: Any, moving: Any, cfg: EvalConfig) -> tuple[Any, float]:
-    from avsm.baselines.base import run_method
+    from avsm.baselines.base import get_method, run_method
 
+    warm = getattr(sys.modules.get(getattr(get_method(method), "__module__", ""), None), "warmup", None)
+    if callable(warm):
+        warm()  # import heavy optional packages outside the timed region
     t0 = time.perf_counter()
     res = run_method(method, fixed, moving, **_method_kwargs(method, cfg))
     return res, time.perf_counter() - t0
@@ -256,7 +275,7 @@ def run_job(job: Job, pairs: Sequence[Pair], cfg: EvalConfig, *, memory_method: 
     from avsm.io.image import load_image
 
     rss0 = _rss_mb()
-    memory_method = memory_method or "ru_maxrss of the shared evaluation process (not per method)"
+    memory_method = memory_method or "peak RSS of the shared evaluation process (not per method)"
     ps = [pairs[i] for i in job.pairs]
     results: list[Any] = []
     times: list[float] = []

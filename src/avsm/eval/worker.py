@@ -1,7 +1,7 @@
 """``python -m avsm.eval.worker SPEC.json``: run one evaluation job in a fresh process.
 
 Used by :func:`avsm.eval.runner.evaluate` with ``isolate=True`` so that the
-peak resident memory (``ru_maxrss``) belongs to that job alone.
+peak resident memory (VmHWM) belongs to that job alone.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     job_d = spec["job"]
     job = Job(job_d["method"], tuple(job_d["pairs"]), bool(job_d["extra_reverse"]))
     pairs = [Pair(**p) for p in spec["pairs"]]
-    run_job(job, pairs, cfg, memory_method="ru_maxrss of a fresh subprocess per job (both directions)")
+    run_job(job, pairs, cfg, memory_method="peak RSS (VmHWM) of a fresh subprocess per job (both directions)")
     return 0
 
 

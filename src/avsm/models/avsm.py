@@ -105,6 +105,26 @@ class AVSMConfig:
         return cls(**kw)
 
 
+def _he_init(module: nn.Module, keep: tuple[nn.Module, ...] = ()) -> None:
+    """He (fan-in, ReLU) initialisation of every conv/linear layer except ``keep``, zero biases.
+
+    The networks have no normalisation layers; with PyTorch's default init the
+    activations shrink by about 0.4 per layer, so after the affine CNN's eleven
+    convolutions the pooled features are ~1e-2 and the head learns an almost
+    input-independent (constant) affine.  He init keeps the activation scale
+    roughly constant.  The layers in ``keep`` (the zero-initialised affine head,
+    the momentum output conv, zeroed by the caller) keep their own init.
+    """
+    kept = {id(m) for m in keep}
+    for m in module.modules():
+        if id(m) in kept:
+            continue
+        if isinstance(m, (nn.Conv3d, nn.ConvTranspose3d, nn.Linear)):
+            nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
 @dataclass
 class AVSMOutput:
     """Output of :meth:`AVSM.forward`.
@@ -150,6 +170,11 @@ class AVSM(nn.Module):
         self.affine = MultiStepAffine(AffineNet(1, c.affine_base, c.affine_depth),
                                       c.affine_steps_train, c.affine_steps_test, amp=c.amp)
         self.momentum = MomentumUNet(2, c.unet_base, 3)
+        _he_init(self.affine.net, keep=(self.affine.net.fc_out,))
+        _he_init(self.momentum, keep=(self.momentum.out_conv,))
+        # zero momentum at initialisation: the untrained network returns the affine result
+        # exactly; the last conv still gets gradients (its inputs are non-zero)
+        nn.init.zeros_(self.momentum.out_conv.weight)
         self.affine_frozen = False
         self._vsvf_cache: dict[tuple[int, int, int], VSVF] = {}
         self._sim = MKLNCC()

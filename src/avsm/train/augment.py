@@ -16,7 +16,7 @@ noise, then a rescale to [0, 1].
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +41,9 @@ class AugmentConfig:
         bias: std of the log bias field.
         noise: max std of additive Gaussian noise.
         p_affine, p_warp, p_intensity: probabilities of each augmentation.
+        random_strength: scale all spatial ranges of each volume by ``s ~ U(0, 1)``, so
+            that nearly aligned pairs are as common as strongly misaligned ones (a network
+            that only sees large misalignments learns to always deform).
     """
 
     rotation_deg: float = 12.0
@@ -55,6 +58,7 @@ class AugmentConfig:
     p_affine: float = 0.9
     p_warp: float = 0.9
     p_intensity: float = 0.9
+    random_strength: bool = True
 
 
 def _uniform(g: torch.Generator, lo: float, hi: float, n: int = 1) -> torch.Tensor:
@@ -146,6 +150,10 @@ def augment_volume(
         ``(image, labels)`` on the same grid.
     """
     shape = tuple(int(s) for s in image.shape[2:])
+    if cfg.random_strength:
+        k = float(torch.rand((), generator=g))
+        cfg = replace(cfg, rotation_deg=k * cfg.rotation_deg, scale=k * cfg.scale, shear=k * cfg.shear,
+                      translation=k * cfg.translation, warp_amplitude=k * cfg.warp_amplitude)
     phi = random_map(g, shape, cfg)  # type: ignore[arg-type]
     img = warp(image, phi)
     lab = warp(labels, phi, mode="nearest") if labels is not None else None

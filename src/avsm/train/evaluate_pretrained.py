@@ -83,12 +83,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--extra", nargs="*", default=[], help="also run these api methods (e.g. affine opt)")
     p.add_argument("--skip-heldout", action="store_true")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (timings depend on it)")
+    p.add_argument("--vsvf-steps", type=int, default=None, help="test-time vSVF steps (default: the model's)")
     args = p.parse_args(argv)
+    if args.threads > 0:
+        import torch
+
+        torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from avsm.models.pretrained import load_pretrained
 
     model = load_pretrained(args.weights)
-    summary: dict[str, Any] = {"weights": args.weights or "bundled", "config": model.config.to_dict()}
+    if args.vsvf_steps is not None:
+        model.config.vsvf_steps_test = args.vsvf_steps
+    summary: dict[str, Any] = {"weights": args.weights or "bundled", "config": model.config.to_dict(),
+                               "threads": args.threads}
     dp = demo_paths()
     summary["demo"] = evaluate_pair(load_image(dp["fixed"]), load_image(dp["moving"]),
                                     load_image(dp["fixed_labels"], label=True),

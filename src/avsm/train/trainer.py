@@ -18,7 +18,9 @@ Run-time facts:
   (the data set is a few volumes, endlessly re-augmented);
 * Adam, ``lr`` halved every ``lr_halve_every`` epochs (StepLR);
 * ``<out>/last.pt`` after every epoch (model, optimiser, scheduler, RNG
-  states, config, versions), ``<out>/best.pt`` by validation Dice (or loss),
+  states, config, versions), ``<out>/best.pt`` by validation Dice (or loss);
+  the starting model is validated first (epoch −1) and is a candidate too,
+  so ``best.pt`` is never worse on validation than what training started from;
   ``<out>/metrics.jsonl`` (one JSON object per logged step and per epoch);
 * every sample's augmentation is seeded by ``(seed, epoch, index)``, so a run
   resumed from ``last.pt`` reproduces the uninterrupted run;
@@ -328,6 +330,12 @@ class Trainer:
         t_start = time.time()
         last: dict[str, Any] = {}
         loader_kw: dict[str, Any] = {"batch_size": cfg.batch_size, "num_workers": 0}
+        if self.start_epoch == 0 and self.best is None and self.rank == 0 and self.val:
+            # the starting point is a candidate too: best.pt never ends up worse than the init
+            val0 = self.validate()
+            self._log({"kind": "init", "stage": cfg.stage, "epoch": -1, "step": self.global_step, **val0})
+            self.best = float(val0["val_dice"])
+            _atomic_save(self.checkpoint(-1), self.out / "best.pt")
         for epoch in range(self.start_epoch, cfg.epochs):
             self.dataset.set_epoch(epoch)
             if self.sampler is not None:
@@ -378,12 +386,26 @@ class Trainer:
 
 
 def export_weights(checkpoint: str | os.PathLike[str], dest: str | os.PathLike[str],
-                   meta: dict[str, Any] | None = None) -> Path:
-    """Write a slim weights file (config + state_dict + versions + ``meta``) from a checkpoint."""
+                   meta: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None) -> Path:
+    """Write a slim weights file (config + state_dict + versions + ``meta``) from a checkpoint.
+
+    ``overrides`` replaces inference-time :class:`AVSMConfig` fields (e.g. the test-time
+    step counts chosen on validation pairs); they are recorded in ``meta``.
+    """
     model = load_model_file(checkpoint)
+    if overrides:
+        model.config = AVSMConfig.from_dict({**model.config.to_dict(), **overrides})
     state = model.export_state()
     state["versions"] = versions()
-    state["meta"] = dict(meta or {})
+    ck = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    info: dict[str, Any] = {"source": Path(checkpoint).name}
+    for key in ("epoch", "global_step", "best", "stage", "train_config", "versions"):
+        if key in ck:
+            info[f"checkpoint_{key}" if key == "versions" else key] = ck[key]
+    if overrides:
+        info["config_overrides"] = dict(overrides)
+    info.update(meta or {})
+    state["meta"] = info
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     _atomic_save(state, dest)
