@@ -189,6 +189,18 @@ def test_config_roundtrip() -> None:
     assert AVSMConfig.from_dict({**d, "unknown_future_key": 1}) == TINY
 
 
+def test_checkpoint_from_before_the_moment_head_loads() -> None:
+    # configs written before ``affine_moments`` existed describe the GAP-only head
+    old = AVSM(AVSMConfig(**{**TINY.to_dict(), "sigmas": TINY.sigmas, "affine_moments": False}))
+    state = old.export_state()
+    del state["config"]["affine_moments"]
+    loaded = AVSM.from_state(state)
+    assert loaded.config.affine_moments is False
+    assert AVSM(TINY).config.affine_moments is True  # new models use the moment head
+    with pytest.raises(RuntimeError):  # and the two heads are not interchangeable
+        AVSM(TINY).load_state_dict(state["state_dict"], strict=True)
+
+
 # ---------------------------------------------------------------------- bundled model
 
 def test_pretrained_registers_demo_pair() -> None:

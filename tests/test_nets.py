@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from avsm.nets.affine_net import AffineNet
+from avsm.nets.affine_net import MOMENT_SCALE, AffineNet, moment_features
 from avsm.nets.blocks import ConvBlock, DownStage, ResidualConv, UpConv, count_parameters
 from avsm.nets.momentum_unet import MomentumUNet
 
@@ -41,6 +41,41 @@ def test_affine_net_identity_at_init_any_size(shape: tuple[int, int, int]) -> No
     assert A.shape == (2, 3, 3) and b.shape == (2, 3)
     assert torch.equal(A, torch.eye(3).expand(2, 3, 3))
     assert torch.equal(b, torch.zeros(2, 3))
+
+
+def _gaussian_blob(shape: tuple[int, int, int], centre: tuple[float, float, float], sd: float) -> torch.Tensor:
+    axes = [torch.linspace(0, 1, n, dtype=torch.float64) for n in shape]
+    g = torch.meshgrid(*axes, indexing="ij")
+    r2 = sum((gi - ci) ** 2 for gi, ci in zip(g, centre))
+    return torch.exp(-r2 / (2 * sd * sd))[None, None]
+
+
+def test_moment_features_centroid_and_second_moments_of_a_blob() -> None:
+    # a Gaussian well inside the cube: centroid = its centre, second moments = sd² I
+    centre, sd = (0.4, 0.55, 0.6), 0.06
+    for shape in [(41, 33, 57), (64, 64, 64)]:  # size-independent up to discretisation
+        f = moment_features(_gaussian_blob(shape, centre, sd)).double()[0]
+        assert f.shape == (9,)
+        torch.testing.assert_close(f[:3], torch.tensor(centre, dtype=torch.float64) - 0.5, atol=1e-5, rtol=0)
+        want = MOMENT_SCALE * torch.tensor([sd * sd] * 3 + [0.0] * 3, dtype=torch.float64)
+        torch.testing.assert_close(f[3:], want, atol=2e-4, rtol=0)
+
+
+def test_moment_features_follow_a_translation() -> None:
+    shape = (48, 40, 36)
+    a = moment_features(_gaussian_blob(shape, (0.45, 0.5, 0.5), 0.08))[0]
+    b = moment_features(_gaussian_blob(shape, (0.55, 0.4, 0.52), 0.08))[0]
+    torch.testing.assert_close((b - a)[:3], torch.tensor([0.1, -0.1, 0.02], dtype=a.dtype), atol=1e-5, rtol=0)
+    torch.testing.assert_close((b - a)[3:], torch.zeros(6, dtype=a.dtype), atol=1e-4, rtol=0)
+
+
+def test_moment_features_zero_channel_and_gap_only_head() -> None:
+    z = moment_features(torch.zeros(1, 2, 8, 8, 8))
+    assert torch.isfinite(z).all()
+    legacy = AffineNet(base_channels=4, depth=3, moments=False)
+    assert legacy.fc1.in_features == 4 * 4  # GAP features only
+    A, b = legacy(torch.randn(1, 1, 16, 16, 16), torch.randn(1, 1, 16, 16, 16))
+    assert torch.equal(A, torch.eye(3)[None]) and torch.equal(b, torch.zeros(1, 3))
 
 
 def test_affine_net_smallest_size() -> None:

@@ -195,6 +195,9 @@ REGISTRY: dict[str, str | Method] = {
     "ants-syncc": "avsm.baselines.ants:ants_syncc",
     "demons": "avsm.baselines.demons:demons",
     "sitk-affine": "avsm.baselines.demons:sitk_affine",
+    "niftyreg": "avsm.baselines.niftyreg:niftyreg",
+    "elastix": "avsm.baselines.elastix:elastix",
+    "voxelmorph": "avsm.baselines.voxelmorph:voxelmorph",
 }
 
 

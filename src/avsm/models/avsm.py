@@ -52,6 +52,9 @@ class AVSMConfig:
     Attributes:
         working_spacing: working-grid spacing in mm used by :func:`avsm.api.register`.
         affine_base: base channels of the affine CNN; ``affine_depth`` its stride-2 stages.
+        affine_moments: moment-pooling features in the affine head
+            (:func:`avsm.nets.affine_net.moment_features`); configs saved before
+            this option existed load as ``False`` (:meth:`AVSM.from_state`).
         unet_base: base channels of the momentum U-Net.
         affine_steps_train, affine_steps_test: multi-step affine counts.
         vsvf_steps_train, vsvf_steps_test: vSVF step counts.
@@ -69,6 +72,7 @@ class AVSMConfig:
     working_spacing: float = 3.2
     affine_base: int = 8
     affine_depth: int = 5
+    affine_moments: bool = True
     unet_base: int = 8
     affine_steps_train: int = 3
     affine_steps_test: int = 7
@@ -167,7 +171,7 @@ class AVSM(nn.Module):
         super().__init__()
         self.config = config if config is not None else AVSMConfig()
         c = self.config
-        self.affine = MultiStepAffine(AffineNet(1, c.affine_base, c.affine_depth),
+        self.affine = MultiStepAffine(AffineNet(1, c.affine_base, c.affine_depth, moments=c.affine_moments),
                                       c.affine_steps_train, c.affine_steps_test, amp=c.amp)
         self.momentum = MomentumUNet(2, c.unet_base, 3)
         _he_init(self.affine.net, keep=(self.affine.net.fc_out,))
@@ -353,6 +357,8 @@ class AVSM(nn.Module):
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> AVSM:
         """Rebuild a model from :meth:`export_state`'s dict (strict key check)."""
-        model = cls(AVSMConfig.from_dict(state["config"]))
+        cfg = dict(state["config"])
+        cfg.setdefault("affine_moments", False)  # saved before the moment head existed
+        model = cls(AVSMConfig.from_dict(cfg))
         model.load_state_dict(state["state_dict"], strict=True)
         return model
