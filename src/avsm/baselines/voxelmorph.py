@@ -58,6 +58,12 @@ def _vxm() -> Any:
     return vxm
 
 
+def warmup() -> None:
+    """Import voxelmorph/neurite now (about 3 s), so that method timings exclude the import."""
+    _vxm()
+    _losses()
+
+
 def build_network(nb_features: tuple[int, ...] = NB_FEATURES, integration_steps: int = 5) -> torch.nn.Module:
     """A ``voxelmorph.nn.models.VxmPairwise`` for single-channel 3-D pairs."""
     vxm = _vxm()
@@ -84,9 +90,11 @@ def _dice(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def train_voxelmorph(data: str, out: str, *, minutes: float = 55.0, seed: int = 1, lr: float = 1e-4,
                      lam: float = 1.0, iters_per_epoch: int = 25, augmentation: dict[str, Any] | None = None,
-                     val_per_volume: int = 2, threads: int = 1) -> dict[str, Any]:
+                     val_per_volume: int = 2, threads: int = 1, working_spacing: float = 4.2) -> dict[str, Any]:
     """Train VoxelMorph on a prepared folder until ``minutes`` of wall time are spent.
 
+    ``working_spacing`` (mm) is recorded with the weights: the spacing the
+    prepared folder was made at, which the wrapper then uses at inference.
     Writes ``out/last.pt``, ``out/best.pt`` (best mean validation Dice),
     ``out/metrics.jsonl``; returns the best record.
     """
@@ -110,7 +118,7 @@ def train_voxelmorph(data: str, out: str, *, minutes: float = 55.0, seed: int = 
     epoch, step = 0, 0
     config = {"nb_features": list(NB_FEATURES), "integration_steps": 5, "lam": lam, "lr": lr, "seed": seed,
               "augmentation": dataclasses.asdict(aug), "data": str(data),
-              "shape": list(vols[0].image.shape[2:])}
+              "shape": list(vols[0].image.shape[2:]), "working_spacing": working_spacing}
     while (time.time() - t0) / 60.0 < minutes:
         ds.set_epoch(epoch)
         net.train()
@@ -190,14 +198,15 @@ def _load(weights: str | os.PathLike[str] | None) -> tuple[torch.nn.Module, dict
     return net, cfg
 
 
-def voxelmorph(fixed: Volume, moving: Volume, *, weights: str | None = None, spacing: float | None = 4.2,
+def voxelmorph(fixed: Volume, moving: Volume, *, weights: str | None = None, spacing: float | None = None,
                seed: int = 42, keep_warped: bool = False, **_: Any) -> FieldResult:
     """MI affine (SimpleITK) then the trained VoxelMorph network on the working pair.
 
     Args:
         fixed, moving: intensity volumes (any geometry).
         weights: trained weights (default ``$AVSM_VXM_WEIGHTS`` or :data:`DEFAULT_WEIGHTS`).
-        spacing: working-grid spacing in mm (the network was trained at 4.2 mm, like AVSM's).
+        spacing: working-grid spacing in mm; default: the one it was trained at
+            (``working_spacing`` in the weights' config, 4.2 mm like AVSM's).
         seed: affine sampling seed.
         keep_warped: keep the network's own warped image in ``info['tool_warped']``
             (and the affinely resampled input in ``info['moving_affine']``).
@@ -209,6 +218,8 @@ def voxelmorph(fixed: Volume, moving: Volume, *, weights: str | None = None, spa
     from avsm.baselines._convert import sitk_affine_matrix
 
     net, cfg = _load(weights)
+    if spacing is None:
+        spacing = float(cfg.get("working_spacing", 4.2))
     t0 = time.perf_counter()
     fw, mw = working_inputs(fixed, moving, spacing)
     if any(s % 8 for s in fw.grid.shape):

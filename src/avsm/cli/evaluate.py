@@ -30,7 +30,9 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--pairs", required=True, help="CSV with columns moving,fixed,moving_labels,fixed_labels")
     p.add_argument("--methods", default="opt,ants-syn,demons",
                    help="comma-separated methods: identity, affine, opt, net, net-s<k>, net+opt, "
-                        "ants-syn, ants-syncc, demons, sitk-affine (default: %(default)s)")
+                        "ants-syn, ants-syncc, demons, sitk-affine, niftyreg (pip niftyreg), elastix "
+                        "(elastix CLI), voxelmorph (trained weights, scripts/train_voxelmorph.sh) "
+                        "(default: %(default)s)")
     p.add_argument("--out-dir", required=True, help="output folder (rows/, results.csv, summary.*)")
     p.add_argument("--label-mapping", default=None,
                    help="CSV 'fixed_label,moving_label' for rows without their own label_mapping column")

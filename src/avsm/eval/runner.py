@@ -246,7 +246,8 @@ def evaluate_result(
 
 def _method_kwargs(method: str, cfg: EvalConfig) -> dict[str, Any]:
     kw: dict[str, Any] = {}
-    if cfg.spacing is not None and not method.startswith("net"):
+    # learned methods run on the working grid they were trained at
+    if cfg.spacing is not None and not method.startswith("net") and method != "voxelmorph":
         kw["spacing"] = cfg.spacing
     kw.update(cfg.method_opts.get(method, {}))
     return kw
