@@ -57,9 +57,9 @@ def main(argv: list[str] | None = None) -> int:
         if "val_dice_identity" in recs[0]:
             axes[1].axhline(recs[0]["val_dice_identity"], ls=":", color="grey")
     axes[0].set_xlabel("epoch")
-    axes[0].set_title("training loss (per stage; VoxelMorph: −NCC + λ‖∇v‖²)")
+    axes[0].set_title("training loss (VoxelMorph: −NCC + λ‖∇v‖²)")
     axes[1].set_xlabel("epoch")
-    axes[1].set_title("validation Dice (synthetic same-subject pairs; dotted: unregistered)")
+    axes[1].set_title("validation Dice, synthetic pairs (dotted: unregistered)")
     for ax in axes:
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)

@@ -36,5 +36,8 @@ $TRAIN --out "$RUN/affine" --stage affine --epochs 30 --iters-per-epoch 20 --sin
 $TRAIN --out "$RUN/vsvf" --stage vsvf --init-from "$RUN/affine/best.pt" --epochs 200 \
     --iters-per-epoch 25 --seed 1 --augmentation "$VSVF_AUG" --max-minutes "$VSVF_MINUTES"
 # 3. export and evaluate
-python -m avsm.cli.main -v train --export "$RUN/vsvf/best.pt" --to src/avsm/data/weights/avsm_brain.pt
+# test-time: 2 vSVF steps (chosen on the validation pairs: 0/1/2/3/4 steps 0.569/0.632/0.656/0.654/0.651)
+# and the affine guard (keep the affine step with the lowest mk-LNCC, see AVSMConfig.affine_guard)
+python -m avsm.cli.main -v train --export "$RUN/vsvf/best.pt" --to src/avsm/data/weights/avsm_brain.pt \
+    --override '{"vsvf_steps_test": 2, "affine_guard": true}'
 python -m avsm.train.evaluate_pretrained --out "$RUN/evaluation.json"

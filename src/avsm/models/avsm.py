@@ -67,6 +67,11 @@ class AVSMConfig:
         time_steps: RK4 steps over unit time.
         integrator: ``rk4`` or ``euler``.
         amp: bf16 autocast for the CNNs on CUDA.
+        affine_guard: at inference (``eval()`` mode), keep the affine step
+            (0 = the initial affine) with the lowest mk-LNCC dissimilarity instead
+            of the last one.  Unsupervised (no labels), a few warps at the working
+            size; it stops an affine network that drifts on images unlike its
+            training data from making the alignment worse than where it started.
     """
 
     working_spacing: float = 3.2
@@ -89,6 +94,7 @@ class AVSMConfig:
     time_steps: int = 10
     integrator: str = "rk4"
     amp: bool = True
+    affine_guard: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly dict (tuples become lists)."""
@@ -182,6 +188,7 @@ class AVSM(nn.Module):
         self.affine_frozen = False
         self._vsvf_cache: dict[tuple[int, int, int], VSVF] = {}
         self._sim = MKLNCC()
+        self.last_affine_choice: list[int] = []  # set by the inference-time affine guard
 
     # ------------------------------------------------------------------ helpers
 
@@ -217,9 +224,32 @@ class AVSM(nn.Module):
             n = self.affine.steps_test if steps is None else steps
             with torch.no_grad():
                 out = self.affine(moving, fixed, A0, b0, steps=n)
-            return out.A.detach(), out.b.detach()
-        out = self.affine(moving, fixed, A0, b0, steps=steps)
-        return out.A, out.b
+            A, b = out.A.detach(), out.b.detach()
+        else:
+            out = self.affine(moving, fixed, A0, b0, steps=steps)
+            A, b = out.A, out.b
+        if self.config.affine_guard and not self.training and out.steps:
+            A, b = self._guarded_affine(moving, fixed, A0, b0, out.steps)
+        return A, b
+
+    @torch.no_grad()
+    def _guarded_affine(self, moving: torch.Tensor, fixed: torch.Tensor, A0: torch.Tensor | None,
+                        b0: torch.Tensor | None, steps: list[tuple[torch.Tensor, torch.Tensor]]
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per batch item, the affine among (initial, step 1, ..., step T) with the lowest mk-LNCC."""
+        B = fixed.shape[0]
+        shape = tuple(int(s) for s in fixed.shape[2:])
+        if A0 is None or b0 is None:
+            A0, b0 = identity_affine(B, dtype=torch.float32, device=fixed.device)
+        cands = [(A0.float().expand(B, 3, 3), b0.float().expand(B, 3))] + [(a.detach(), t.detach()) for a, t in steps]
+        scores = torch.stack([
+            torch.stack([self._sim(warp(moving[i:i + 1], affine_map(a[i:i + 1], t[i:i + 1], shape)), fixed[i:i + 1])
+                         for i in range(B)]) for a, t in cands])  # (T + 1, B)
+        best = scores.argmin(0)
+        self.last_affine_choice = [int(k) for k in best]
+        A = torch.stack([cands[int(k)][0][i] for i, k in enumerate(best)])
+        b = torch.stack([cands[int(k)][1][i] for i, k in enumerate(best)])
+        return A, b
 
     # ------------------------------------------------------------------ forward
 
