@@ -44,6 +44,7 @@ __all__ = [
     "available_methods",
     "working_inputs",
     "MethodUnavailable",
+    "run_tool",
 ]
 
 log = logging.getLogger(__name__)
@@ -249,6 +250,22 @@ def available_methods() -> list[str]:
             continue
         out.append(name)
     return out
+
+
+def run_tool(args: list[str], cwd: str) -> None:
+    """Run an external registration tool; on failure raise with the tool's last output lines.
+
+    Raises:
+        RuntimeError: non-zero exit status (message: tool name, status, last 5 lines of stderr/stdout).
+    """
+    import subprocess
+    from pathlib import Path
+
+    log.debug("running %s", " ".join(args))
+    proc = subprocess.run(args, cwd=cwd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout or "").strip().splitlines()[-5:]
+        raise RuntimeError(f"{Path(args[0]).name} failed (exit {proc.returncode}): {' | '.join(tail)}")
 
 
 def run_method(name: str, fixed: Volume, moving: Volume, **opts: Any) -> Any:

@@ -31,7 +31,6 @@ import logging
 import os
 import re
 import shutil
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -41,7 +40,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from avsm.baselines._convert import displacement_from_sitk
-from avsm.baselines.base import FieldResult, MethodUnavailable, WorldTransform, working_inputs
+from avsm.baselines.base import FieldResult, MethodUnavailable, WorldTransform, run_tool, working_inputs
 from avsm.io.image import Volume
 
 __all__ = ["elastix", "parameter_maps", "read_affine_parameters"]
@@ -124,11 +123,6 @@ def _tool(name: str) -> str:
     return found
 
 
-def _run(args: list[str], cwd: str) -> None:
-    proc = subprocess.run(args, cwd=cwd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout or "").strip().splitlines()[-5:]
-        raise RuntimeError(f"{Path(args[0]).name} failed (exit {proc.returncode}): {' | '.join(tail)}")
 
 
 def _numbers(text: str, key: str) -> list[float]:
@@ -199,7 +193,7 @@ def elastix(
         write_parameter_file(bsp, d / "bspline.txt")
         (d / "out").mkdir()
         t1 = time.perf_counter()
-        _run([ex, "-f", "fixed.mha", "-m", "moving.mha", "-p", "affine.txt", "-p", "bspline.txt",
+        run_tool([ex, "-f", "fixed.mha", "-m", "moving.mha", "-p", "affine.txt", "-p", "bspline.txt",
               "-out", "out", "-threads", str(n_thr)], tmp)
         timings["elastix"] = time.perf_counter() - t1
         tp1 = d / "out" / "TransformParameters.1.txt"
@@ -208,7 +202,7 @@ def elastix(
         text = re.sub(r'\(ResultImageFormat "[^"]*"\)', '(ResultImageFormat "mha")', text)
         tp1.write_text(text)
         (d / "def").mkdir()
-        _run([tx, "-def", "all", "-tp", str(tp1), "-out", "def", "-threads", str(n_thr)], tmp)
+        run_tool([tx, "-def", "all", "-tp", str(tp1), "-out", "def", "-threads", str(n_thr)], tmp)
         grid, dfield = displacement_from_sitk(sitk.ReadImage(str(d / "def" / "deformationField.mha")))
         A = read_affine_parameters(d / "out" / "TransformParameters.0.txt")
         info: dict[str, Any] = {"grid_spacing_mm": grid_spacing_mm, "bending_weight": bending_weight,

@@ -26,7 +26,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -35,7 +34,7 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
-from avsm.baselines.base import FieldResult, MethodUnavailable, WorldTransform, working_inputs
+from avsm.baselines.base import FieldResult, MethodUnavailable, WorldTransform, run_tool, working_inputs
 from avsm.io.image import Volume
 
 __all__ = ["niftyreg", "niftyreg_binary", "RAS_FLIP"]
@@ -67,12 +66,6 @@ def niftyreg_binary(name: str) -> str:
         f"niftyreg: {name} not found (install with `CMAKE_POLICY_VERSION_MINIMUM=3.5 pip install niftyreg`)")
 
 
-def _run(args: list[str], cwd: str) -> None:
-    log.debug("running %s", " ".join(args))
-    proc = subprocess.run(args, cwd=cwd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout or "").strip().splitlines()[-5:]
-        raise RuntimeError(f"{Path(args[0]).name} failed (exit {proc.returncode}): {' | '.join(tail)}")
 
 
 def _read_ras_affine(path: Path) -> np.ndarray:
@@ -122,21 +115,21 @@ def niftyreg(
         sitk.WriteImage(sitk.Cast(mw.to_sitk(), sitk.sitkFloat32), str(d / "moving.nii.gz"))
         omp = ["-omp", str(n_thr)]
         t1 = time.perf_counter()
-        _run([aladin, "-ref", "fixed.nii.gz", "-flo", "moving.nii.gz", "-aff", "aff.txt",
+        run_tool([aladin, "-ref", "fixed.nii.gz", "-flo", "moving.nii.gz", "-aff", "aff.txt",
               "-res", "aff_res.nii.gz", *omp], tmp)
         timings["affine"] = time.perf_counter() - t1
         t2 = time.perf_counter()
-        _run([f3d, "-ref", "fixed.nii.gz", "-flo", "moving.nii.gz", "-aff", "aff.txt", "-cpp", "cpp.nii.gz",
+        run_tool([f3d, "-ref", "fixed.nii.gz", "-flo", "moving.nii.gz", "-aff", "aff.txt", "-cpp", "cpp.nii.gz",
               "-res", "res.nii.gz", "-sx", str(control_point_spacing), "-be", str(bending_energy),
               "-ln", str(int(levels)), "-maxit", str(int(max_iterations)), *omp], tmp)
         timings["f3d"] = time.perf_counter() - t2
-        _run([rtrans, "-ref", "fixed.nii.gz", "-def", "cpp.nii.gz", "def.nii.gz"], tmp)
+        run_tool([rtrans, "-ref", "fixed.nii.gz", "-def", "cpp.nii.gz", "def.nii.gz"], tmp)
         A = RAS_FLIP @ _read_ras_affine(d / "aff.txt") @ RAS_FLIP
         dfield = _deformation_to_lps_displacement(d / "def.nii.gz", fw)
         info: dict[str, Any] = {"control_point_spacing": control_point_spacing,
                                 "bending_energy": bending_energy, "levels": levels}
         if keep_warped:  # NiftyReg's own resampling, linear with zero padding (reg_f3d -res is cubic, NaN-padded)
-            _run([niftyreg_binary("reg_resample"), "-ref", "fixed.nii.gz", "-flo", "moving.nii.gz", "-trans",
+            run_tool([niftyreg_binary("reg_resample"), "-ref", "fixed.nii.gz", "-flo", "moving.nii.gz", "-trans",
                   "cpp.nii.gz", "-res", "res_lin.nii.gz", "-inter", "1", "-pad", "0", *omp], tmp)
             info["tool_warped"] = Volume(sitk.GetArrayFromImage(sitk.ReadImage(str(d / "res_lin.nii.gz"))).astype(
                 np.float32), fw.grid)
