@@ -189,6 +189,36 @@ def test_config_roundtrip() -> None:
     assert AVSMConfig.from_dict({**d, "unknown_future_key": 1}) == TINY
 
 
+def test_affine_guard_keeps_the_least_dissimilar_step() -> None:
+    from avsm.losses.lncc import MKLNCC
+
+    mov, fix = blob_pair(shift=0.06)
+    torch.manual_seed(0)
+    for guard in (False, True):
+        model = AVSM(AVSMConfig(**{**TINY.to_dict(), "sigmas": TINY.sigmas, "affine_guard": guard}))
+        with torch.no_grad():  # a drifting affine head: every step adds the same large translation
+            model.affine.net.fc_out.bias[9:] = torch.tensor([0.15, -0.1, 0.12])
+        model.eval()
+        with torch.no_grad():
+            out = model(mov, fix, vsvf_steps=0, affine_steps=3)
+        if not guard:
+            assert float(out.b.abs().max()) > 0.2  # the drift is real without the guard
+            continue
+        # candidates: the initial (identity) affine and the three composed steps; the guard keeps the argmin
+        sim = MKLNCC()
+        A, b = identity_affine(1)
+        cands = [(A, b)]
+        for _ in range(3):
+            A, b = compose_affine(torch.eye(3)[None], torch.tensor([[0.15, -0.1, 0.12]]), A, b)
+            cands.append((A, b))
+        scores = [float(sim(warp(mov, affine_map(a, t, tuple(fix.shape[2:]))), fix)) for a, t in cands]
+        k = int(np.argmin(scores))
+        assert model.last_affine_choice == [k]
+        assert k == 0  # here the drift only makes things worse
+        torch.testing.assert_close(out.b, cands[k][1], atol=1e-6, rtol=0)
+        torch.testing.assert_close(out.A, cands[k][0], atol=1e-6, rtol=0)
+
+
 def test_checkpoint_from_before_the_moment_head_loads() -> None:
     # configs written before ``affine_moments`` existed describe the GAP-only head
     old = AVSM(AVSMConfig(**{**TINY.to_dict(), "sigmas": TINY.sigmas, "affine_moments": False}))
