@@ -45,6 +45,7 @@ __all__ = [
     "working_inputs",
     "MethodUnavailable",
     "run_tool",
+    "tool_threads",
 ]
 
 log = logging.getLogger(__name__)
@@ -250,6 +251,13 @@ def available_methods() -> list[str]:
             continue
         out.append(name)
     return out
+
+
+def tool_threads(threads: int | None = None) -> int:
+    """Threads for a peer tool: ``threads``, else ``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS``, else 2."""
+    import os
+
+    return int(threads if threads is not None else os.environ.get("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "2"))
 
 
 def run_tool(args: list[str], cwd: str) -> None:

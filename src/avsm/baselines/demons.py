@@ -20,7 +20,6 @@ measure uses the two directions' forward maps and does not need one.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -29,7 +28,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from avsm.baselines._convert import displacement_from_sitk, sitk_affine_matrix
-from avsm.baselines.base import FieldResult, WorldTransform, working_inputs
+from avsm.baselines.base import FieldResult, WorldTransform, tool_threads, working_inputs
 from avsm.io.image import Volume
 
 __all__ = ["sitk_affine", "demons", "affine_transform"]
@@ -38,8 +37,7 @@ log = logging.getLogger(__name__)
 
 
 def _threads() -> None:
-    n = int(os.environ.get("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "2"))
-    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(n)
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(tool_threads())
 
 
 def affine_transform(fixed_w: Volume, moving_w: Volume, *, seed: int = 42,

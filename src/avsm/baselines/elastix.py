@@ -28,7 +28,6 @@ inverse is given.
 from __future__ import annotations
 
 import logging
-import os
 import re
 import shutil
 import tempfile
@@ -40,7 +39,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from avsm.baselines._convert import displacement_from_sitk
-from avsm.baselines.base import FieldResult, MethodUnavailable, WorldTransform, run_tool, working_inputs
+from avsm.baselines.base import FieldResult, MethodUnavailable, WorldTransform, run_tool, tool_threads, working_inputs
 from avsm.io.image import Volume
 
 __all__ = ["elastix", "parameter_maps", "read_affine_parameters"]
@@ -179,7 +178,7 @@ def elastix(
         :class:`FieldResult` without inverse.
     """
     ex, tx = _tool("elastix"), _tool("transformix")
-    n_thr = int(threads if threads is not None else os.environ.get("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "2"))
+    n_thr = tool_threads(threads)
     t0 = time.perf_counter()
     fw, mw = working_inputs(fixed, moving, spacing)
     timings = {"prepare": time.perf_counter() - t0}

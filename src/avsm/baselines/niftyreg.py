@@ -24,7 +24,6 @@ uses both directions' forward maps.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import tempfile
 import time
@@ -34,7 +33,7 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
-from avsm.baselines.base import FieldResult, MethodUnavailable, WorldTransform, run_tool, working_inputs
+from avsm.baselines.base import FieldResult, MethodUnavailable, WorldTransform, run_tool, tool_threads, working_inputs
 from avsm.io.image import Volume
 
 __all__ = ["niftyreg", "niftyreg_binary", "RAS_FLIP"]
@@ -105,7 +104,7 @@ def niftyreg(
         :class:`FieldResult` without inverse.
     """
     aladin, f3d, rtrans = (niftyreg_binary(n) for n in ("reg_aladin", "reg_f3d", "reg_transform"))
-    n_thr = int(threads if threads is not None else os.environ.get("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "2"))
+    n_thr = tool_threads(threads)
     t0 = time.perf_counter()
     fw, mw = working_inputs(fixed, moving, spacing)
     timings = {"prepare": time.perf_counter() - t0}

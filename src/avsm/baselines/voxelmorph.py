@@ -77,15 +77,6 @@ def _losses() -> tuple[torch.nn.Module, torch.nn.Module]:
     return ne.nn.modules.NCC(window_size=9), ne.nn.modules.SpatialGradient("l2")
 
 
-def _dice(a: torch.Tensor, b: torch.Tensor) -> float:
-    labels = [int(v) for v in torch.unique(b) if int(v) != 0]
-    out = []
-    for v in labels:
-        x, y = a == v, b == v
-        s = int(x.sum() + y.sum())
-        if s:
-            out.append(2.0 * float((x & y).sum()) / s)
-    return float(np.mean(out)) if out else float("nan")
 
 
 def train_voxelmorph(data: str, out: str, *, minutes: float = 55.0, seed: int = 1, lr: float = 1e-4,
@@ -101,6 +92,7 @@ def train_voxelmorph(data: str, out: str, *, minutes: float = 55.0, seed: int = 
     from avsm.core.sampling import warp
     from avsm.train.augment import AugmentConfig
     from avsm.train.data import PairDataset, load_prepared, validation_pairs
+    from avsm.train.trainer import _mean_dice  # the AVSM trainer's validation Dice, so the two are comparable
 
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -140,7 +132,7 @@ def train_voxelmorph(data: str, out: str, *, minutes: float = 55.0, seed: int = 
                 disp = net(item["moving"][None], item["fixed"][None])
                 phi = voxel_displacement_to_unit_map(disp)
                 lab = warp(item["moving_labels"][None].float(), phi, mode="nearest")
-                dices.append(_dice(lab[0, 0].long(), item["fixed_labels"][0]))
+                dices.append(_mean_dice(lab[0, 0].long(), item["fixed_labels"][0]))
         rec = {"epoch": epoch, "step": step, "minutes": (time.time() - t0) / 60.0,
                "train_loss": float(np.mean(tl)), "val_dice": float(np.mean(dices))}
         with open(outp / "metrics.jsonl", "a") as fh:
