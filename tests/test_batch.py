@@ -224,7 +224,7 @@ def test_torchrun_style_ranks_merge(tmp_path: Path) -> None:
         env = {**os.environ, "WORLD_SIZE": "2", "RANK": str(rank), "AVSM_BATCH_RUN_ID": "t1",
                "PYTHONPATH": os.pathsep.join([str(SRC), str(TESTS)])}
         procs.append(subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True))
+                                      stderr=subprocess.PIPE, text=True, encoding="utf-8", errors="replace"))
     outs = {}
     for rank, p in zip((1, 0), procs):
         so, se = p.communicate(timeout=120)

@@ -81,7 +81,7 @@ def test_ddp_two_processes_gloo(tmp_path: Path, stage: str) -> None:
     env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(script), json.dumps(cfg)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     w0 = torch.load(out / "rank0.pt")
     w1 = torch.load(out / "rank1.pt")

@@ -125,7 +125,8 @@ def _cli(args: list[str], env_extra: dict[str, str]) -> subprocess.Popen:
         env.pop(k, None)
     env.update(env_extra)
     return subprocess.Popen([sys.executable, "-m", "avsm.cli.main", "evaluate", *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, encoding="utf-8",
+                            errors="replace")
 
 
 def test_two_ranks_equal_one_rank(tiny_pairs: str, tmp_path: os.PathLike) -> None:

@@ -21,6 +21,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Sequence
@@ -33,18 +34,18 @@ import torch
 
 from avsm.core.coords import affine_map, homogeneous_to_centred, invert_affine
 from avsm.core.jacobian import jacobian_determinant
-from avsm.core.sampling import compose
+from avsm.core.sampling import Pyramid, compose
 from avsm.errors import AvsmError
 from avsm.io.geometry import Grid, unit_affine_between
 from avsm.io.image import Volume, normalize_intensity, resample
 from avsm.models.vsvf import VSVF
-from avsm.optim.affine_opt import AffineOptConfig, optimise_affine
+from avsm.optim.affine_opt import optimise_affine
 from avsm.optim.vsvf_opt import VSVFOptConfig, optimise_vsvf
+from avsm.optim.initialise import initial_affine
+from avsm.settings import INIT_MODES, METHODS, RegistrationSettings, preset
 from avsm.transform import WorldMapTransform, apply_homogeneous, grid_affine_map
 
 log = logging.getLogger(__name__)
-
-METHODS = ("affine", "opt", "net", "net+opt")
 
 
 @dataclass
@@ -70,18 +71,57 @@ class PreparedPair:
 
 
 def working_grid_for(grid: Grid, *, spacing: float | None = 2.0, shape: Sequence[int] | None = None,
-                     multiple_of: int = 16) -> Grid:
-    """Canonical working grid over ``grid``'s box (see :meth:`Grid.working_grid`)."""
-    return grid.canonical().working_grid(spacing_mm=spacing, shape=tuple(shape) if shape else None,
-                                         multiple_of=multiple_of, min_size=multiple_of)
+                     multiple_of: int = 16, keep_thick_slices: bool = False) -> Grid:
+    """Canonical working grid over ``grid``'s box (see :meth:`Grid.working_grid`).
 
-
-def to_working(volume: Volume, grid: Grid) -> np.ndarray:
-    """Normalise intensities (0.1/99.9 percentiles → [0, 1]) and resample onto ``grid``.
-
-    Downsampling is preceded by a Gaussian blur (σ = half the spacing increase, per axis).
+    With ``keep_thick_slices`` an axis whose own spacing is coarser than ``spacing``
+    keeps its own spacing (no slices are invented between thick CT slices).
     """
-    img = volume.with_array(normalize_intensity(volume.array))
+    can = grid.canonical()
+    if keep_thick_slices and shape is None and spacing is not None and max(can.spacing) > spacing:
+        per_axis = tuple(max(float(spacing), s) for s in can.spacing)
+        return can.working_grid(spacing_mm=per_axis, multiple_of=multiple_of, min_size=multiple_of)
+    return can.working_grid(spacing_mm=spacing, shape=tuple(shape) if shape else None,
+                            multiple_of=multiple_of, min_size=multiple_of)
+
+
+#: Hounsfield window of CT inputs: [-1000, 1000] HU → [0, 1] (see ``normalise_ct``)
+CT_WINDOW: tuple[float, float] = (-1000.0, 1000.0)
+
+
+def detect_modality(volume: Volume) -> str:
+    """``ct`` when the intensities look like Hounsfield units, else ``mr``.
+
+    Rule: at least 2 % of the voxels at or below −900 (air, lung or the scanner's padding,
+    −1024…−3024) and a 99th percentile above 0 (soft tissue at 0…100 HU, bone above).
+    MR intensities are non-negative (or nearly so) and never reach −900.
+    """
+    a = volume.array
+    sample = a.reshape(-1)[:: max(1, a.size // 2_000_000)]
+    low = float(np.mean(sample <= -900.0))
+    return "ct" if low >= 0.02 and float(np.percentile(sample, 99)) > 0.0 else "mr"
+
+
+def normalise_ct(array: np.ndarray, window: tuple[float, float] = CT_WINDOW) -> np.ndarray:
+    """Hounsfield units → [0, 1] by a fixed window, clamped: air and padding → 0.
+
+    A fixed window (not percentiles) keeps one HU the same working intensity in every
+    scan, whatever the field of view, padding value (−2048, −3024) or the share of air.
+    """
+    lo, hi = window
+    return np.clip((array.astype(np.float32) - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+
+
+def to_working(volume: Volume, grid: Grid, modality: str = "mr",
+               ct_window: tuple[float, float] = CT_WINDOW) -> np.ndarray:
+    """Normalise intensities and resample onto ``grid``.
+
+    MR (and anything not CT): 0.1/99.9 percentiles → [0, 1]; CT: the Hounsfield
+    window ``ct_window`` → [0, 1].  Downsampling is preceded by a Gaussian blur
+    (σ = half the spacing increase, per axis).
+    """
+    norm = normalise_ct(volume.array, ct_window) if modality == "ct" else normalize_intensity(volume.array)
+    img = volume.with_array(norm)
     sim = img.to_sitk()
     sig = [0.5 * max(ws - s, 0.0) for ws, s in zip(_axis_spacing_in(volume.grid, grid), volume.grid.spacing)]
     if max(sig) > 0:
@@ -109,12 +149,18 @@ def prepare_pair(
     spacing: float | None = 2.0,
     shape: Sequence[int] | None = None,
     device: torch.device | str = "cpu",
+    modalities: tuple[str, str] = ("mr", "mr"),
+    ct_window: tuple[float, float] = CT_WINDOW,
 ) -> PreparedPair:
-    """Working grids, normalised tensors and the physical-identity initial affine."""
-    fg = working_grid_for(fixed.grid, spacing=spacing, shape=shape)
-    mg = working_grid_for(moving.grid, spacing=spacing, shape=shape)
-    ft = torch.from_numpy(to_working(fixed, fg))[None, None].to(device)
-    mt = torch.from_numpy(to_working(moving, mg))[None, None].to(device)
+    """Working grids, normalised tensors and the physical-identity initial affine.
+
+    ``modalities`` (fixed, moving): ``ct`` images are windowed in Hounsfield units and
+    keep their thick-slice spacing on the working grid; ``mr`` images use percentiles.
+    """
+    fg = working_grid_for(fixed.grid, spacing=spacing, shape=shape, keep_thick_slices=modalities[0] == "ct")
+    mg = working_grid_for(moving.grid, spacing=spacing, shape=shape, keep_thick_slices=modalities[1] == "ct")
+    ft = torch.from_numpy(to_working(fixed, fg, modalities[0], ct_window))[None, None].to(device)
+    mt = torch.from_numpy(to_working(moving, mg, modalities[1], ct_window))[None, None].to(device)
     M = torch.as_tensor(unit_affine_between(fg, mg), dtype=torch.float64).unsqueeze(0)
     A0, b0 = homogeneous_to_centred(M)
     return PreparedPair(fixed, moving, fg, mg, ft, mt, A0.float().to(device), b0.float().to(device))
@@ -184,72 +230,194 @@ def _load_net(model: Any, device: torch.device | str) -> Any:
     return model.to(device)
 
 
+#: legacy keyword names of :func:`register` and where they go in the settings
+_LEGACY = {"affine_config": "affine", "vsvf_config": "vsvf"}
+_NETWORK_KEYS = ("affine_steps", "vsvf_steps")
+
+
+def resolve_settings(settings: RegistrationSettings | None = None, **overrides: Any) -> RegistrationSettings:
+    """The settings of a call: ``settings`` (default: the ``fast`` preset) with keyword overrides.
+
+    Overrides are fields of :class:`RegistrationSettings`, plus ``affine_config`` /
+    ``vsvf_config`` (stage configs; for ``net+opt`` the latter is the refinement),
+    ``affine_steps`` / ``vsvf_steps`` (network) and ``refine_iterations``.
+    """
+    s = settings or preset("fast")
+    changes: dict[str, Any] = {}
+    net_changes: dict[str, Any] = {}
+    refine_iterations = overrides.pop("refine_iterations", None)
+    for k, v in overrides.items():
+        if v is None:
+            continue
+        if k in _NETWORK_KEYS:
+            net_changes[k] = v
+        elif k in _LEGACY:
+            changes[_LEGACY[k]] = v
+        else:
+            changes[k] = v
+    method = changes.get("method", s.method)
+    if "affine" in changes and (method == "affine" or changes.get("transform", s.transform) != "deformable"):
+        changes["linear"] = changes["affine"]  # the affine config of a linear-only registration
+    if method == "net+opt" and "vsvf" in changes:
+        changes["refine"] = changes.pop("vsvf")
+    if refine_iterations is not None:
+        changes["refine"] = VSVFOptConfig(**{**dataclasses.asdict(changes.get("refine", s.refine)),
+                                             "scales": (1.0,), "iterations": (int(refine_iterations),)})
+    if net_changes:
+        changes["network"] = dataclasses.replace(s.network, **net_changes)
+    return s.replace(**changes) if changes else s
+
+
+def resolve_modalities(fixed: Volume, moving: Volume, modality: str) -> tuple[str, str]:
+    """``(fixed, moving)`` modalities: ``auto`` detects each image (and logs the decision)."""
+    if modality != "auto":
+        return modality, modality
+    out = (detect_modality(fixed), detect_modality(moving))
+    for name, v, mod in (("fixed", fixed, out[0]), ("moving", moving, out[1])):
+        log.info("modality auto: %s image %s looks like %s", name, v.name, mod.upper())
+    return out
+
+
+def mask_to_working(mask: Volume, grid: Grid, device: torch.device | str) -> torch.Tensor:
+    """A 0/1 mask on a working grid as a ``(1, 1, D, H, W)`` float32 weight (trilinear, so in [0, 1])."""
+    arr = resample(mask.with_array(mask.array.astype(np.float32), is_label=False), grid,
+                   interpolation="linear").array
+    return torch.from_numpy(np.clip(arr, 0.0, 1.0).astype(np.float32))[None, None].to(device)
+
+
+def initialise(pair: PreparedPair, init: str, similarity: str | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """The initial affine of a pair: ``header`` (the physical identity), ``com``, ``moments``,
+    ``auto`` (the best of them by the similarity: mk-LNCC, or mutual information when the
+    registration uses ``mi``) or a linear ANTs/ITK transform file.
+
+    Returns:
+        ``(A0, b0, record)``: centred affine (fixed → moving working unit coordinates)
+        and what was chosen, with every candidate's score.
+    """
+    if init == "header":
+        return pair.A0, pair.b0, {"init": "header", "chosen": "header"}
+    world = None
+    mode = init
+    if init not in INIT_MODES:
+        from avsm.export.itk import read_world_affine  # local: export needs SimpleITK transforms only here
+
+        world = read_world_affine(init)
+        mode = "file"
+    score = None
+    if similarity == "mi":
+        from avsm.losses.mi import MutualInformation
+
+        score = MutualInformation()
+    res = initial_affine(pair.fixed_t, pair.moving_t, pair.fixed_grid.unit_to_world(),
+                         pair.moving_grid.unit_to_world(), mode, world_matrix=world, similarity=score)
+    rec = {"init": init, "chosen": res.chosen,
+           "scores": {k: (round(v, 5) if np.isfinite(v) else None) for k, v in res.scores.items()}}
+    log.info("initialisation %s: chose %s", init, res.chosen)
+    return res.A0, res.b0, rec
+
+
 def register(
     *,
     fixed: Volume,
     moving: Volume,
-    method: str = "net",
-    spacing: float | None = None,
-    shape: Sequence[int] | None = None,
-    device: torch.device | str = "cpu",
-    affine_config: AffineOptConfig | None = None,
-    vsvf_config: VSVFOptConfig | None = None,
+    settings: RegistrationSettings | None = None,
+    fixed_mask: Volume | None = None,
+    moving_mask: Volume | None = None,
     model: Any = None,
-    affine_steps: int | None = None,
-    vsvf_steps: int | None = None,
-    refine_iterations: int = 20,
     progress: bool = True,
+    **overrides: Any,
 ) -> RegistrationResult:
     """Register ``moving`` to ``fixed``.
 
     Args:
         fixed, moving: intensity volumes (any geometry; see :func:`avsm.io.load_image`).
-        method: ``net`` (AVSM network, pretrained by default), ``opt`` (affine-opt
-            then vSVF-opt), ``affine`` (affine-opt only) or ``net+opt`` (network,
-            then ``refine_iterations`` L-BFGS iterations of vSVF-opt at full scale).
-        spacing, shape: working grid (default 2 mm for ``opt``; the model's own for ``net``).
-        device: ``cpu`` or ``cuda``.
-        affine_config, vsvf_config: optimisation settings.
-        model: a loaded :class:`avsm.models.avsm.AVSM`, a weights path, or ``None`` (bundled).
-        affine_steps, vsvf_steps: test-time steps of the network.
+        settings: all options (:class:`avsm.settings.RegistrationSettings`); default the
+            ``fast`` preset with ``method='opt'``.
+        fixed_mask, moving_mask: 0/1 masks on the images' own grids (see
+            :func:`avsm.io.masks.load_mask`); the similarity ignores voxels outside them
+            (as ``antsRegistration -x``).  The network ignores masks (its refinement in
+            ``net+opt`` uses them).
+        model: a loaded :class:`avsm.models.avsm.AVSM` (else ``settings.network.model``
+            or the bundled weights).
         progress: tqdm bars.
+        **overrides: fields of the settings to change for this call (``method='net'``,
+            ``spacing=2.0``, ``device='cuda'`` ...; see :func:`resolve_settings`).
+
+    Returns:
+        :class:`RegistrationResult`; ``timings`` holds seconds per stage, ``info`` the
+        settings used and the optimisers' histories.
     """
-    if method not in METHODS:
-        raise AvsmError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    s = resolve_settings(settings, **overrides)
+    method, device = s.method, s.device
     timings: dict[str, float] = {}
-    info: dict[str, Any] = {}
+    info: dict[str, Any] = {"preset": s.preset}
     t0 = time.perf_counter()
     net = None
+    spacing, shape = s.spacing, s.shape
     if method in ("net", "net+opt"):
-        net = _load_net(model, device)
+        net = _load_net(model if model is not None else s.network.model, device)
         net.eval()
         if spacing is None and shape is None:
             spacing = net.config.working_spacing
     if spacing is None and shape is None:
         spacing = max(2.0, min(fixed.grid.spacing))  # never upsample a coarse image
-    pair = prepare_pair(fixed, moving, spacing=spacing, shape=shape, device=device)
+    modalities = resolve_modalities(fixed, moving, s.modality)
+    info["modality"] = {"fixed": modalities[0], "moving": modalities[1]}
+    if net is not None and "ct" in modalities:
+        log.warning("the bundled network was trained on brain MR (T1) only and this input looks like CT; "
+                    "use --method opt")
+    pair = prepare_pair(fixed, moving, spacing=spacing, shape=shape, device=device, modalities=modalities,
+                        ct_window=s.ct_window)
+    fw = mask_to_working(fixed_mask, pair.fixed_grid, device) if fixed_mask is not None else None
+    mw = mask_to_working(moving_mask, pair.moving_grid, device) if moving_mask is not None else None
+    if method == "net" and (fw is not None or mw is not None):
+        log.warning("the network does not use masks; they are ignored (use --method opt or net+opt)")
     timings["prepare"] = time.perf_counter() - t0
-    f, m = pair.fixed_t, pair.moving_t
+    t_init = time.perf_counter()
+    A0, b0, info["init"] = initialise(pair, s.init, s.similarity)
+    timings["init"] = time.perf_counter() - t_init
+    # one anti-aliased pyramid per image, shared by the affine and vSVF stages
+    f, m = Pyramid(pair.fixed_t), Pyramid(pair.moving_t)
+    if fw is not None:
+        fw = Pyramid(fw)  # type: ignore[assignment]
+    if mw is not None:
+        mw = Pyramid(mw)  # type: ignore[assignment]
     t1 = time.perf_counter()
     if method in ("affine", "opt"):
-        A, b = optimise_affine(f, m, pair.A0, pair.b0, affine_config, progress=progress)
+        history: list[dict] = []
+        linear_only = method == "affine" or s.transform != "deformable"
+        frames = None
+        if s.transform == "rigid":
+            frames = tuple(torch.as_tensor(g.unit_to_world()[:3, :3], dtype=torch.float32)
+                           for g in (pair.fixed_grid, pair.moving_grid))
+        A, b = optimise_affine(f, m, A0, b0, s.linear if linear_only else s.affine, weight=fw,
+                               moving_weight=mw, history=history, rigid_frames=frames,  # type: ignore[arg-type]
+                               progress=progress)
+        info["affine_history"] = history
         timings["affine"] = time.perf_counter() - t1
         phi_affine = affine_map(A, b, pair.fixed_grid.shape)
         Ai, bi = invert_affine(A, b)
-        if method == "affine":
+        if linear_only:
             phi = phi_affine
             phi_inv = affine_map(Ai, bi, pair.moving_grid.shape)
         else:
             t2 = time.perf_counter()
-            res = optimise_vsvf(f, m, phi_affine, vsvf_config, progress=progress)
+            res = optimise_vsvf(f, m, phi_affine, s.vsvf, weight=fw, moving_weight=mw, progress=progress)
             timings["vsvf"] = time.perf_counter() - t2
+            info["vsvf_history"] = res.history
+            info["vsvf_evaluations"] = res.evaluations
+            info["vsvf_level_seconds"] = [round(t, 3) for t in res.level_seconds]
             phi = res.phi
+            t3 = time.perf_counter()
             with torch.no_grad():
                 phi_inv = res.model.inverse([res.velocity], affine_map(Ai, bi, pair.moving_grid.shape))
+            timings["inverse"] = time.perf_counter() - t3
     else:
         assert net is not None
         with torch.no_grad():
-            out = net(m, f, pair.A0, pair.b0, affine_steps=affine_steps, vsvf_steps=vsvf_steps)
+            out = net(m.image, f.image, A0, b0, affine_steps=s.network.affine_steps,
+                      vsvf_steps=s.network.vsvf_steps)
         A, b = out.A, out.b
         phi_affine = affine_map(A, b, pair.fixed_grid.shape)
         Ai, bi = invert_affine(A, b)
@@ -260,17 +428,14 @@ def register(
         timings["network"] = time.perf_counter() - t1
         if method == "net+opt":
             t2 = time.perf_counter()
-            cfg = vsvf_config or VSVFOptConfig(scales=(1.0,), iterations=(refine_iterations,))
-            res = optimise_vsvf(f, m, phi, cfg, progress=progress)
+            res = optimise_vsvf(f, m, phi, s.refine, weight=fw, moving_weight=mw, progress=progress)
             phi = res.phi
+            info["vsvf_history"] = res.history
+            info["vsvf_evaluations"] = res.evaluations
             with torch.no_grad():
                 phi_inv = res.model.inverse([res.velocity], phi_inv)
             timings["refine"] = time.perf_counter() - t2
     timings["total"] = time.perf_counter() - t0
-    if affine_config is not None:
-        info["affine_history"] = affine_config.history
-    if vsvf_config is not None:
-        info["vsvf_history"] = vsvf_config.history
     return RegistrationResult(
         fixed_grid=pair.fixed_grid, moving_grid=pair.moving_grid,
         fixed_original=fixed.grid, moving_original=moving.grid,

@@ -204,8 +204,20 @@ def _output_files(pair_dir: str) -> list[str]:
 
 
 def _options_key(options: Mapping[str, Any]) -> str:
-    kept = {k: v for k, v in options.items() if k not in _VOLATILE_OPTIONS}
+    kept = {k: _plain(v) for k, v in options.items() if k not in _VOLATILE_OPTIONS}
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _plain(value: Any) -> Any:
+    """Dataclass options (settings) as dictionaries, without their volatile fields (device)."""
+    import dataclasses
+
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        d = dataclasses.asdict(value)
+        for k in _VOLATILE_OPTIONS:
+            d.pop(k, None)
+        return d
+    return value
 
 
 def verify_done(pair: PairSpec, pair_dir: str, options: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -503,10 +515,15 @@ def run_batch(
 
     rank, world = _dist_info()
     mine = pairs[rank::world]
-    device = str(options.get("device", "cpu"))
+    settings = options.get("settings")
+    device = str(settings.device if settings is not None else options.get("device", "cpu"))
     if device.startswith("cuda"):
         if world > 1 and device == "cuda" and os.environ.get("LOCAL_RANK"):
-            options = {**options, "device": f"cuda:{int(os.environ['LOCAL_RANK'])}"}
+            local = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+            if settings is not None:
+                options = {**options, "settings": settings.replace(device=local)}
+            else:
+                options = {**options, "device": local}
         if workers > 1:
             log.warning("device %s: running pairs one at a time on the GPU (workers=%d ignored)", device, workers)
             workers = 1

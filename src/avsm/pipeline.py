@@ -15,7 +15,8 @@ import os
 import platform
 import resource
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +28,9 @@ from avsm.errors import AvsmError
 from avsm.io.image import Volume, check_same_geometry, load_image, save_image
 from avsm.io.outputs import OutputTransaction
 from avsm.metrics.overlap import dice_per_label, mean_dice
-from avsm.optim.affine_opt import AffineOptConfig
-from avsm.optim.vsvf_opt import VSVFOptConfig
+from avsm.io.masks import load_mask
+from avsm.metrics.overlap import shared_labels
+from avsm.settings import RegistrationSettings, preset
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +63,31 @@ def read_label_mapping(path: str | os.PathLike[str]) -> dict[int, int]:
     return out
 
 
-def _load_pair(fixed: str, moving: str, fixed_labels: str | None, moving_labels: str | None
+@dataclass
+class OutputSettings:
+    """What :func:`register_pair` writes besides the warped image and summary.
+
+    Attributes:
+        formats: transform formats: ``ants`` (``0GenericAffine.mat``, ``1Warp``, ``1InverseWarp``,
+            composites) and/or ``l2r`` (Learn2Reg displacement).
+        qc: also write ``qc.png``.
+    """
+
+    formats: tuple[str, ...] = ("ants",)
+    qc: bool = False
+
+    def __post_init__(self) -> None:
+        self.formats = tuple(self.formats)
+        bad = set(self.formats) - {"ants", "l2r"}
+        if bad or not self.formats:
+            raise AvsmError(f"unknown transform format(s) {sorted(bad)}; choose from ants, l2r")
+
+
+def _load_pair(fixed: str, moving: str, fixed_labels: str | None, moving_labels: str | None,
+               fixed_series: str | None = None, moving_series: str | None = None,
                ) -> tuple[Volume, Volume, Volume | None, Volume | None]:
-    fv = load_image(fixed)
-    mv = load_image(moving)
+    fv = load_image(fixed, series=fixed_series)
+    mv = load_image(moving, series=moving_series)
     fl = ml = None
     if fixed_labels:
         fl = load_image(fixed_labels, label=True, require_labels=True)
@@ -73,6 +96,11 @@ def _load_pair(fixed: str, moving: str, fixed_labels: str | None, moving_labels:
         ml = load_image(moving_labels, label=True, require_labels=True)
         check_same_geometry(mv, ml)
     return fv, mv, fl, ml
+
+
+def _json_ready(obj: Any) -> Any:
+    """Tuples → lists (``summary.json`` is plain JSON)."""
+    return json.loads(json.dumps(obj))
 
 
 def _peak_rss_mb() -> float:
@@ -84,22 +112,32 @@ def register_pair(
     moving: str,
     out_dir: str,
     *,
+    settings: RegistrationSettings | None = None,
+    outputs: OutputSettings | None = None,
     moving_labels: str | None = None,
     fixed_labels: str | None = None,
-    method: str = "net",
-    device: str = "cpu",
-    spacing: float | None = None,
     label_mapping: str | Mapping[int, int] | None = None,
-    formats: Sequence[str] = ("ants",),
-    qc: bool = False,
-    affine_iterations: Sequence[int] | None = None,
-    vsvf_iterations: Sequence[int] | None = None,
-    affine_steps: int | None = None,
-    vsvf_steps: int | None = None,
-    model: str | None = None,
+    fixed_mask: str | None = None,
+    moving_mask: str | None = None,
+    fixed_series: str | None = None,
+    moving_series: str | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Register ``moving`` to ``fixed`` and write every output into ``out_dir``.
+
+    Args:
+        fixed, moving: image files (NIfTI, NRRD, MHA) or DICOM series folders.
+        out_dir: output folder.
+        settings: how to register (:class:`avsm.settings.RegistrationSettings`;
+            default: the ``fast`` preset, ``method='opt'``).
+        outputs: which transform formats and figures to write.
+        moving_labels, fixed_labels: label maps on the images' grids (warped / scored).
+        label_mapping: ``fixed_label,moving_label`` CSV (or mapping) when protocols differ.
+        fixed_mask, moving_mask: 0/1 masks on the images' grids (the similarity ignores
+            voxels outside them).
+        fixed_series, moving_series: SeriesInstanceUID when an input is a DICOM folder
+            holding several series.
+        progress: tqdm bars.
 
     Outputs (all on the fixed image's own grid unless stated): ``warped.nii.gz``,
     ``warped_labels.nii.gz`` (with ``moving_labels``), ANTs-style transforms
@@ -107,8 +145,8 @@ def register_pair(
     ``transform_1InverseWarp.nii.gz`` (both on the fixed grid, as ANTs writes
     them), ``transform_Composite.nii.gz`` (fixed grid) and
     ``transform_InverseComposite.nii.gz`` (moving grid),
-    ``summary.json`` (method, timings, folds, Dice when both label maps are
-    given), and ``qc.png`` with ``qc``.
+    ``summary.json`` (method, settings, timings, folds, Dice when both label maps are
+    given), and ``qc.png`` with ``outputs.qc``.
 
     Returns:
         The summary dictionary (also written to ``summary.json``).
@@ -117,16 +155,21 @@ def register_pair(
         AvsmError: unreadable or invalid input, an output path equal to an input,
             or an unwritable output directory.  Nothing is written then.
     """
+    s = settings or preset("fast")
+    out_cfg = outputs or OutputSettings()
+    method, device = s.method, s.device
+    formats, qc = out_cfg.formats, out_cfg.qc
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise AvsmError("CUDA was requested but no CUDA device is available", device)
-    fv, mv, fl, ml = _load_pair(fixed, moving, fixed_labels, moving_labels)
+    fv, mv, fl, ml = _load_pair(fixed, moving, fixed_labels, moving_labels, fixed_series, moving_series)
+    fm = load_mask(fixed_mask, fv) if fixed_mask else None
+    mm = load_mask(moving_mask, mv) if moving_mask else None
     mapping: Mapping[int, int] | None
     mapping = read_label_mapping(label_mapping) if isinstance(label_mapping, (str, os.PathLike)) else label_mapping
-    inputs = [p for p in (fixed, moving, fixed_labels, moving_labels) if p]
-    affine_cfg = AffineOptConfig(iterations=tuple(affine_iterations)) if affine_iterations else AffineOptConfig()
-    vsvf_cfg = VSVFOptConfig(iterations=tuple(vsvf_iterations)) if vsvf_iterations else None
-    if method == "net+opt" and vsvf_cfg is not None:
-        vsvf_cfg.scales = (1.0,) * len(vsvf_cfg.iterations)
+    if fl is not None and ml is not None and not shared_labels(fl.array, ml.array, mapping):
+        log.warning("%s and %s share no label value%s: Dice is not defined and is not reported",
+                    fixed_labels, moving_labels, "" if mapping else " (give --label-mapping)")
+    inputs = [p for p in (fixed, moving, fixed_labels, moving_labels, fixed_mask, moving_mask) if p]
     with OutputTransaction(inputs=inputs) as tx:
         out = Path(out_dir)
         paths = {k: str(out / v) for k, v in OUTPUT_NAMES.items()}
@@ -137,9 +180,7 @@ def register_pair(
         if qc:
             tx_paths["qc"] = tx.path(paths["qc"])
         t0 = time.perf_counter()
-        result = register(fixed=fv, moving=mv, method=method, spacing=spacing, device=device,
-                          affine_config=affine_cfg, vsvf_config=vsvf_cfg, model=model,
-                          affine_steps=affine_steps, vsvf_steps=vsvf_steps, progress=progress)
+        result = register(fixed=fv, moving=mv, settings=s, fixed_mask=fm, moving_mask=mm, progress=progress)
         t_reg = time.perf_counter() - t0
         warped = result.warp(mv)
         save_image(warped, tx_paths["warped"])
@@ -147,6 +188,8 @@ def register_pair(
         summary: dict[str, Any] = {
             "avsm_version": __version__,
             "method": method,
+            "preset": s.preset,
+            "init": result.info.get("init"),
             "fixed": os.path.abspath(fixed),
             "moving": os.path.abspath(moving),
             "device": device,
@@ -162,16 +205,16 @@ def register_pair(
             "peak_rss_mb": round(_peak_rss_mb(), 1),
             "host": platform.node(),
             "torch": torch.__version__,
+            "settings": _json_ready(s.to_dict()),
         }
         if ml is not None:
             wl = result.warp(ml)
             save_image(wl, tx_paths["warped_labels"])
-            if fl is not None:
-                d = dice_per_label(wl.array, fl.array, mapping=mapping,
-                                   labels=sorted(mapping) if mapping else None)
+            if fl is not None and shared_labels(fl.array, ml.array, mapping):
+                scored = sorted(mapping) if mapping else shared_labels(fl.array, ml.array, None)
+                d = dice_per_label(wl.array, fl.array, mapping=mapping, labels=scored)
                 aff = result.warp(ml, affine_only=True)
-                da = dice_per_label(aff.array, fl.array, mapping=mapping,
-                                    labels=sorted(mapping) if mapping else None)
+                da = dice_per_label(aff.array, fl.array, mapping=mapping, labels=scored)
                 summary["dice"] = {str(k): (round(v, 4) if v == v else None) for k, v in d.items()}
                 summary["mean_dice"] = round(mean_dice(d), 4)
                 summary["mean_dice_affine_only"] = round(mean_dice(da), 4)

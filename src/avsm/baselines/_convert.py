@@ -5,23 +5,10 @@ from __future__ import annotations
 import numpy as np
 import SimpleITK as sitk
 
+from avsm.export.itk import sitk_affine_matrix
 from avsm.io.geometry import Grid
 
 __all__ = ["sitk_affine_matrix", "read_displacement_field", "itk_affine_file_matrix"]
-
-
-def sitk_affine_matrix(tx: sitk.Transform) -> np.ndarray:
-    """Homogeneous ``(4, 4)`` world matrix of an affine-like SimpleITK transform.
-
-    Found by mapping the origin and the three unit vectors (exact for any
-    affine transform, including composite ones).
-    """
-    pts = np.array([[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
-    out = np.array([tx.TransformPoint(tuple(float(v) for v in p)) for p in pts])
-    M = np.eye(4)
-    M[:3, 3] = out[0]
-    M[:3, :3] = (out[1:] - out[0]).T
-    return M
 
 
 def itk_affine_file_matrix(path: str) -> np.ndarray:

@@ -7,7 +7,7 @@ from typing import Any
 from avsm.api import RegistrationResult, identity_result, register
 from avsm.io.image import Volume
 
-__all__ = ["identity", "affine", "opt", "net", "net_opt"]
+__all__ = ["identity", "affine", "opt", "opt_paper", "net", "net_opt"]
 
 
 def identity(fixed: Volume, moving: Volume, **opts: Any) -> RegistrationResult:
@@ -23,6 +23,13 @@ def affine(fixed: Volume, moving: Volume, **opts: Any) -> RegistrationResult:
 def opt(fixed: Volume, moving: Volume, **opts: Any) -> RegistrationResult:
     """avsm affine then vSVF optimisation (``register(method='opt')``)."""
     return register(fixed=fixed, moving=moving, method="opt", progress=False, **opts)
+
+
+def opt_paper(fixed: Volume, moving: Volume, **opts: Any) -> RegistrationResult:
+    """avsm ``opt`` with the CVPR 2019 schedule (``--preset paper``: RK4, 200/200/50 Adam, 60/60/60 L-BFGS)."""
+    from avsm.settings import preset
+
+    return register(fixed=fixed, moving=moving, settings=preset("paper", method="opt"), progress=False, **opts)
 
 
 def net(fixed: Volume, moving: Volume, **opts: Any) -> RegistrationResult:

@@ -168,18 +168,20 @@ class FieldResult(WorldMapTransform):
 
 def working_inputs(fixed: Volume, moving: Volume, spacing: float | None = 2.0) -> tuple[Volume, Volume]:
     """The pair as avsm's registration sees it: canonical working grids (≈ ``spacing`` mm),
-    intensities normalised to [0, 1] (0.1/99.9 percentiles) after an anti-aliasing blur.
+    intensities normalised to [0, 1] (0.1/99.9 percentiles for MR, the Hounsfield window for CT,
+    as :func:`avsm.api.resolve_modalities` decides) after an anti-aliasing blur.
 
     Baselines run on these, so every method gets the same input data.
 
     Returns:
         ``(fixed_w, moving_w)`` float32 volumes.
     """
-    from avsm.api import to_working, working_grid_for
+    from avsm.api import detect_modality, to_working, working_grid_for
 
-    fg = working_grid_for(fixed.grid, spacing=spacing)
-    mg = working_grid_for(moving.grid, spacing=spacing)
-    return (Volume(to_working(fixed, fg), fg, fixed.path), Volume(to_working(moving, mg), mg, moving.path))
+    fmod, mmod = detect_modality(fixed), detect_modality(moving)
+    fg = working_grid_for(fixed.grid, spacing=spacing, keep_thick_slices=fmod == "ct")
+    mg = working_grid_for(moving.grid, spacing=spacing, keep_thick_slices=mmod == "ct")
+    return (Volume(to_working(fixed, fg, fmod), fg, fixed.path), Volume(to_working(moving, mg, mmod), mg, moving.path))
 
 
 # --------------------------------------------------------------------------- registry
@@ -191,6 +193,7 @@ REGISTRY: dict[str, str | Method] = {
     "identity": "avsm.baselines.avsm_methods:identity",
     "affine": "avsm.baselines.avsm_methods:affine",
     "opt": "avsm.baselines.avsm_methods:opt",
+    "opt-paper": "avsm.baselines.avsm_methods:opt_paper",
     "net": "avsm.baselines.avsm_methods:net",
     "net+opt": "avsm.baselines.avsm_methods:net_opt",
     "ants-syn": "avsm.baselines.ants:ants_syn",
@@ -270,7 +273,7 @@ def run_tool(args: list[str], cwd: str) -> None:
     from pathlib import Path
 
     log.debug("running %s", " ".join(args))
-    proc = subprocess.run(args, cwd=cwd, capture_output=True, text=True)
+    proc = subprocess.run(args, cwd=cwd, capture_output=True, text=True, encoding="utf-8", errors="replace")
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout or "").strip().splitlines()[-5:]
         raise RuntimeError(f"{Path(args[0]).name} failed (exit {proc.returncode}): {' | '.join(tail)}")

@@ -24,7 +24,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
     d = demo_paths()
     opts = options_from_args(args)
-    opts["qc"] = True
+    opts["outputs"].qc = True
     summary = register_pair(str(d["fixed"]), str(d["moving"]), args.out_dir,
                             moving_labels=str(d["moving_labels"]), fixed_labels=str(d["fixed_labels"]),
                             **opts)

@@ -7,9 +7,11 @@ import json
 import sys
 
 from avsm.errors import AvsmError
+from avsm.settings import RegistrationSettings
 
-METHOD_HELP = ("net: pretrained AVSM network (default); opt: affine-opt + vSVF-opt (no training); "
-               "affine: affine-opt only; net+opt: network then a few vSVF-opt iterations")
+METHOD_HELP = ("opt: affine-opt + vSVF-opt, no training needed (default; the 'fast' preset is as accurate as "
+               "ANTs SyN in less time on brain MRI, see the README); affine: affine-opt only; net: the bundled "
+               "AVSM network, one pass (brain T1 only); net+opt: the network, then vSVF-opt refinement")
 
 
 def _ints(text: str) -> list[int]:
@@ -20,22 +22,57 @@ def _ints(text: str) -> list[int]:
 
 
 def add_common_options(p: argparse.ArgumentParser) -> None:
-    """Options shared by ``register`` and ``demo``."""
-    p.add_argument("--method", default="net", choices=("net", "opt", "affine", "net+opt"), help=METHOD_HELP)
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    p.add_argument("--spacing", type=float, default=None,
-                   help="working-grid spacing in mm (default: the model's, or 2 mm for opt)")
-    p.add_argument("--affine-iterations", type=_ints, default=None, metavar="N,N,N",
-                   help="affine-opt iterations per scale 0.25,0.5,1 (default 200,200,50)")
-    p.add_argument("--vsvf-iterations", type=_ints, default=None, metavar="N,N,N",
-                   help="vSVF-opt L-BFGS iterations per scale (default 60,60,60)")
-    p.add_argument("--affine-steps", type=int, default=None, help="network: affine test-time steps (default 7)")
-    p.add_argument("--vsvf-steps", type=int, default=None, help="network: vSVF test-time steps")
-    p.add_argument("--model", default=None, help="network weights file (default: the bundled model)")
-    p.add_argument("--format", action="append", default=None, choices=("ants", "l2r"),
+    """Options shared by ``register`` and ``demo``, grouped as an ANTs user looks for them."""
+    from avsm.settings import PRESETS, SIMILARITIES
+
+    g = p.add_argument_group("method")
+    g.add_argument("--method", default=None, choices=("opt", "affine", "net", "net+opt"),
+                   help=METHOD_HELP)
+    g.add_argument("--transform", default="deformable", choices=("rigid", "affine", "deformable"),
+                   help="deformable: affine + vSVF (default); affine or rigid: the linear stage alone "
+                        "(rigid: rotation + translation in mm, for longitudinal and same-subject pairs)")
+    g.add_argument("--preset", default="fast", choices=tuple(PRESETS),
+                   help="; ".join(f"{k}: {v}" for k, v in PRESETS.items()))
+    g = p.add_argument_group("initial transform (antsRegistration --initial-moving-transform)")
+    g.add_argument("--init", default="auto", metavar="auto|header|com|moments|FILE",
+                   help="auto (default): the best of header, centres of mass and principal axes by the "
+                        "similarity; header: the images' world positions; com: centres of mass; moments: "
+                        "principal axes; FILE: an ANTs/ITK linear transform (fixed → moving, '[FILE,1]' inverts)")
+    g = p.add_argument_group("metric and masks (antsRegistration --metric, -x)")
+    g.add_argument("--similarity", default=None, choices=SIMILARITIES,
+                   help="lncc: mk-LNCC (default); ncc: global correlation; mse; mi: Mattes-style mutual "
+                        "information (multi-modal pairs)")
+    g.add_argument("--fixed-mask", default=None, help="0/1 mask on the fixed image's grid: the similarity "
+                                                      "ignores voxels outside it")
+    g.add_argument("--moving-mask", default=None, help="0/1 mask on the moving image's grid")
+    g = p.add_argument_group("inputs, working grid and device")
+    g.add_argument("--modality", default="auto", choices=("auto", "mr", "ct"),
+                   help="auto (default): CT if the intensities look like Hounsfield units (logged); ct: "
+                        "window [-1000, 1000] HU, air is background; mr: 0.1/99.9 percentiles")
+    g.add_argument("--fixed-series", default=None, metavar="UID",
+                   help="SeriesInstanceUID when --fixed is a DICOM folder holding several series")
+    g.add_argument("--moving-series", default=None, metavar="UID", help="the same for --moving")
+    g.add_argument("--spacing", type=float, default=None,
+                   help="working-grid spacing in mm (default: 2 mm for opt, the model's for net)")
+    g.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
+    g = p.add_argument_group("optimisation (antsRegistration --convergence)")
+    g.add_argument("--affine-iterations", type=_ints, default=None, metavar="N,N,...",
+                   help="affine-opt iterations per level (fast: 100,60 at 1/4, 1/2; paper: 200,200,50)")
+    g.add_argument("--vsvf-iterations", type=_ints, default=None, metavar="N,N,...",
+                   help="vSVF-opt iterations per level (fast: 40,20,0 at 1/4, 1/2, 1; paper: 60,60,60)")
+    g.add_argument("--integrator", default=None, choices=("ss", "rk4", "euler"),
+                   help="map integrator: ss (scaling and squaring, fast) or rk4 (the paper's)")
+    g.add_argument("--optimizer", default=None, choices=("lbfgs", "lbfgs-nols", "adam"),
+                   help="vSVF-opt optimiser (see the README)")
+    g = p.add_argument_group("network")
+    g.add_argument("--affine-steps", type=int, default=None, help="affine test-time steps (default 7)")
+    g.add_argument("--vsvf-steps", type=int, default=None, help="vSVF test-time steps")
+    g.add_argument("--model", default=None, help="network weights file (default: the bundled model)")
+    g = p.add_argument_group("outputs")
+    g.add_argument("--format", action="append", default=None, choices=("ants", "l2r"),
                    help="transform formats to write (default ants; repeat for more)")
-    p.add_argument("--qc", action="store_true", help="also write a QC figure (qc.png)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    g.add_argument("--qc", action="store_true", help="also write a QC figure (qc.png)")
+    g.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -54,14 +91,60 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.set_defaults(func=run)
 
 
+def settings_from_args(args: argparse.Namespace) -> RegistrationSettings:
+    """The one :class:`~avsm.settings.RegistrationSettings` of the parsed arguments."""
+    import dataclasses
+
+    from avsm.settings import NetworkSettings, preset
+
+    s = preset(args.preset)
+    method = args.method or "opt"
+    changes: dict = {"method": method, "transform": args.transform, "init": args.init,
+                     "modality": args.modality, "similarity": args.similarity,
+                     "spacing": args.spacing, "device": args.device,
+                     "network": NetworkSettings(model=args.model, affine_steps=args.affine_steps,
+                                                vsvf_steps=args.vsvf_steps)}
+    if args.affine_iterations:
+        it = tuple(args.affine_iterations)
+        key = "linear" if (method == "affine" or args.transform != "deformable") else "affine"
+        cur = getattr(s, key)
+        scales = cur.scales if len(it) == len(cur.scales) else _default_scales(len(it))
+        changes[key] = dataclasses.replace(cur, iterations=it, scales=scales)
+    stage = "refine" if method == "net+opt" else "vsvf"
+    cfg = getattr(s, stage)
+    vs_changes: dict = {}
+    if args.vsvf_iterations:
+        it = tuple(args.vsvf_iterations)
+        vs_changes["iterations"] = it
+        if len(it) != len(cfg.scales):
+            vs_changes["scales"] = (1.0,) * len(it) if stage == "refine" else _default_scales(len(it))
+    if args.integrator:
+        vs_changes["integrator"] = args.integrator
+    if args.optimizer:
+        vs_changes["optimizer"] = args.optimizer
+        if args.optimizer == "adam" and cfg.optimizer != "adam":
+            vs_changes["lr"] = 0.05
+    if vs_changes:
+        try:
+            changes[stage] = dataclasses.replace(cfg, **vs_changes)
+        except ValueError as e:
+            raise AvsmError(f"bad optimisation options: {e}") from None
+    return s.replace(**changes)
+
+
+def _default_scales(n: int) -> tuple[float, ...]:
+    """``n`` pyramid levels ending at full resolution, halving each time (… 0.25, 0.5, 1)."""
+    return tuple(0.5 ** (n - 1 - k) for k in range(n))
+
+
 def options_from_args(args: argparse.Namespace) -> dict:
     """Keyword options of :func:`avsm.pipeline.register_pair` from parsed arguments."""
-    return dict(
-        method=args.method, device=args.device, spacing=args.spacing, qc=args.qc,
-        formats=tuple(args.format or ("ants",)), affine_iterations=args.affine_iterations,
-        vsvf_iterations=args.vsvf_iterations, affine_steps=args.affine_steps,
-        vsvf_steps=args.vsvf_steps, model=args.model, progress=not args.quiet,
-    )
+    from avsm.pipeline import OutputSettings
+
+    return dict(settings=settings_from_args(args),
+                outputs=OutputSettings(formats=tuple(args.format or ("ants",)), qc=bool(args.qc)),
+                fixed_mask=args.fixed_mask, moving_mask=args.moving_mask,
+                fixed_series=args.fixed_series, moving_series=args.moving_series, progress=not args.quiet)
 
 
 def run(args: argparse.Namespace) -> int:

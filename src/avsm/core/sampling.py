@@ -96,6 +96,22 @@ def _warp_labels(labels: torch.Tensor, grid: torch.Tensor, padding: Padding) -> 
     return best.round().to(labels.dtype)
 
 
+def warp_masked(
+    moving: torch.Tensor, moving_weight: torch.Tensor | None, phi: torch.Tensor, weight: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Warp ``moving`` (and its mask, in the same interpolation) by ``phi``; combine with the fixed mask.
+
+    Returns:
+        ``(warped, weight)``: ``(1, 1, D, H, W)`` warped image and the similarity weight
+        (fixed mask × warped moving mask), or ``None`` without masks.
+    """
+    if moving_weight is None:
+        return warp(moving, phi), weight
+    both = warp(torch.cat([moving, moving_weight], 1), phi)
+    wm = both[:, 1:]
+    return both[:, :1], (wm if weight is None else weight * wm)
+
+
 def compose(outer: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:
     """Composition ``outer ∘ inner``: ``x -> outer(inner(x))``.
 
@@ -149,6 +165,38 @@ def resample_image(image: torch.Tensor, shape: Sequence[int], *, antialias: bool
         if any(f > 1.0 for f in factors):
             image = gaussian_blur(image, [0.5 * f if f > 1.0 else 0.0 for f in factors])
     return F.interpolate(image, size=shape, mode="trilinear", align_corners=True)
+
+
+class Pyramid:
+    """An image and its anti-aliased resamplings, each computed once (shared by the pyramid stages).
+
+    Args:
+        image: ``(B, C, D, H, W)`` tensor.
+    """
+
+    def __init__(self, image: torch.Tensor) -> None:
+        self.image = image
+        self._levels: dict[tuple[int, ...], torch.Tensor] = {}
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.image.shape
+
+    def at(self, shape: Sequence[int]) -> torch.Tensor:
+        """The image resampled to spatial ``shape`` (see :func:`resample_image`)."""
+        key = tuple(int(s) for s in shape)
+        if key not in self._levels:
+            self._levels[key] = resample_image(self.image, key)
+        return self._levels[key]
+
+
+def level(image: torch.Tensor | Pyramid | None, shape: Sequence[int]) -> torch.Tensor | None:
+    """``image`` at spatial ``shape``: from a :class:`Pyramid`'s cache, or resampled now."""
+    if image is None:
+        return None
+    if isinstance(image, Pyramid):
+        return image.at(shape)
+    return resample_image(image, shape)
 
 
 def gaussian_blur(image: torch.Tensor, sigmas_vox: Sequence[float]) -> torch.Tensor:

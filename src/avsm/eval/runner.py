@@ -385,7 +385,8 @@ def _run_isolated(job: Job, pairs: Sequence[Pair], cfg: EvalConfig) -> None:
         env.pop(k, None)
     try:
         proc = subprocess.run([sys.executable, "-m", "avsm.eval.worker", spec_path], env=env,
-                              capture_output=True, text=True, check=False)
+                              capture_output=True, text=True, encoding="utf-8", errors="replace",
+                              check=False)
     finally:
         os.unlink(spec_path)
     if proc.returncode != 0:

@@ -461,6 +461,45 @@ def _read_one(path: str, invert: bool) -> sitk.Transform:
     return tr
 
 
+def sitk_affine_matrix(tx: sitk.Transform) -> np.ndarray:
+    """Homogeneous ``(4, 4)`` world matrix of an affine-like SimpleITK transform.
+
+    Found by mapping the origin and the three unit vectors (exact for any
+    affine transform, including composite ones).
+    """
+    pts = np.array([[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    out = np.array([tx.TransformPoint(tuple(float(v) for v in p)) for p in pts])
+    M = np.eye(4)
+    M[:3, 3] = out[0]
+    M[:3, :3] = (out[1:] - out[0]).T
+    return M
+
+
+def read_world_affine(spec: str) -> np.ndarray:
+    """The ``(4, 4)`` world pull-back (fixed LPS mm → moving LPS mm) of a linear transform file.
+
+    ``spec`` is a path or ANTs' ``"[path,1]"`` (inverted), read as
+    ``antsRegistration --initial-moving-transform`` reads it: the transform
+    maps points of the fixed image's space to the moving image's space.
+
+    Raises:
+        AvsmError: missing/corrupt file, a displacement field, or a non-linear transform.
+    """
+    path, invert = parse_transform_spec(spec)
+    if _is_image_file(path):
+        raise AvsmError("an initial transform must be linear (.mat/.txt/.tfm/.h5), not a displacement field",
+                        path)
+    tx = _read_one(path, invert)
+    M = sitk_affine_matrix(tx)
+    probe = np.array([[10.0, -20.0, 30.0], [-50.0, 40.0, 5.0]])
+    got = np.array([tx.TransformPoint(tuple(float(v) for v in p)) for p in probe])
+    if not np.allclose(got, probe @ M[:3, :3].T + M[:3, 3], atol=1e-6):
+        raise AvsmError("an initial transform must be linear (rigid, similarity or affine)", path)
+    if abs(np.linalg.det(M[:3, :3])) < 1e-8:
+        raise AvsmError("initial transform is singular", path)
+    return M
+
+
 def load_transform(
     paths: Sequence[str | tuple[str, bool]],
     *,

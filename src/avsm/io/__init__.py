@@ -9,6 +9,7 @@ from avsm.io.image import (
     resample,
     save_image,
 )
+from avsm.io.masks import load_mask
 from avsm.io.outputs import OutputTransaction, atomic_write_text
 
 __all__ = [
@@ -17,6 +18,7 @@ __all__ = [
     "Volume",
     "check_same_geometry",
     "load_image",
+    "load_mask",
     "normalize_intensity",
     "resample",
     "save_image",

@@ -203,7 +203,7 @@ class Grid:
 
     def working_grid(
         self,
-        spacing_mm: float | None = 2.0,
+        spacing_mm: float | Sequence[float] | None = 2.0,
         shape: Sequence[int] | None = None,
         multiple_of: int = 16,
         min_size: int = 32,
@@ -218,8 +218,9 @@ class Grid:
         Apply to :meth:`canonical` first to get a consistently oriented grid.
 
         Args:
-            spacing_mm: target (largest) spacing in mm; ``None`` uses the
-                grid's own spacing per axis (only the rounding applies).
+            spacing_mm: target (largest) spacing in mm, one value or one per ITK
+                axis (x, y, z); ``None`` uses the grid's own spacing per axis (only
+                the rounding applies).
             shape: explicit tensor-order shape ``(D, H, W)``; overrides the rest.
             multiple_of: each dimension is rounded up to a multiple of this.
             min_size: smallest allowed dimension.
@@ -231,11 +232,17 @@ class Grid:
             return self.resized(shape)
         if multiple_of < 1 or min_size < 1:
             raise ValueError("multiple_of and min_size must be >= 1")
-        if spacing_mm is not None and not spacing_mm > 0:
-            raise ValueError(f"spacing_mm must be positive, got {spacing_mm}")
+        if spacing_mm is None:
+            steps: list[float | None] = [None, None, None]
+        elif isinstance(spacing_mm, (int, float)):
+            steps = [float(spacing_mm)] * 3
+        else:
+            steps = [float(v) for v in spacing_mm]
+        if len(steps) != 3 or any(v is not None and not v > 0 for v in steps):
+            raise ValueError(f"spacing_mm must be positive (one value or three), got {spacing_mm}")
         new_itk = []
-        for s, n in zip(self.spacing, self.itk_size):
-            step = s if spacing_mm is None else float(spacing_mm)
+        for s, n, target in zip(self.spacing, self.itk_size, steps):
+            step = s if target is None else target
             extent = s * (n - 1)
             m = math.ceil(extent / step - 1e-6) + 1
             m = math.ceil(m / multiple_of) * multiple_of

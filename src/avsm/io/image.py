@@ -273,19 +273,24 @@ def load_image(
     *,
     label: bool = False,
     require_labels: bool = False,
+    series: str | None = None,
 ) -> Volume:
     """Read and validate a 3-D image or label map.
 
     Formats: anything SimpleITK reads; ``.nii``, ``.nii.gz``, ``.nrrd``,
     ``.nhdr``, ``.mha`` and ``.mhd`` are tested.  A 4-D image whose last
-    dimension is 1 is squeezed to 3-D.
+    dimension is 1 is squeezed to 3-D.  A directory is read as a DICOM series
+    (see :func:`avsm.io.dicom.read_dicom_series`: slices sorted along the slice
+    normal, missing slices and uneven spacing refused), then validated like a file.
 
     Args:
-        path: image file.
+        path: image file, or a folder holding a DICOM series.
         label: read as a label map (integer values, kept as an integer dtype;
             float-stored integral labels become ``int32``).
         require_labels: with ``label=True``, also reject a map without any
             non-zero label.
+        series: for a DICOM folder, the SeriesInstanceUID of the series to read
+            (required when the folder holds several); must be ``None`` for a file.
 
     Returns:
         A :class:`Volume`; ``array`` is ``float32`` ``(D, H, W)`` for an
@@ -296,18 +301,27 @@ def load_image(
             complex, 2-D or (non-singleton) 4-D image; a dimension below 2
             voxels; NaN/Inf voxels; an all-zero or constant intensity image; a
             label map with non-integer values (or, with ``require_labels``, no
-            labels).
+            labels); for a folder, every DICOM problem listed in
+            :func:`avsm.io.dicom.read_dicom_series` (no series, several series
+            and no ``series``, unknown ``series``, a single slice, missing
+            slices or uneven slice spacing, ...); ``series`` given for a file.
     """
     p = os.fspath(path)
     if not os.path.exists(p):
         raise AvsmError("file not found", p)
-    if os.path.isdir(p):
-        raise AvsmError("is a directory, not an image file", p)
-    if not os.access(p, os.R_OK):
-        raise AvsmError("file is not readable (permission denied)", p)
-
     kind = "label map" if label else "image"
-    img = _read_sitk(p, kind)
+    if os.path.isdir(p):
+        from avsm.io.dicom import read_dicom_series  # deferred: avsm.io.dicom imports this module
+
+        img = read_dicom_series(p, series=series)
+    else:
+        if series is not None:
+            raise AvsmError(
+                f"series={series!r} selects a series in a DICOM folder, but this is a file", p
+            )
+        if not os.access(p, os.R_OK):
+            raise AvsmError("file is not readable (permission denied)", p)
+        img = _read_sitk(p, kind)
     ncomp = img.GetNumberOfComponentsPerPixel()
     if ncomp != 1:
         raise AvsmError(

@@ -1,4 +1,5 @@
-"""Label overlap: Dice per label (with an optional label correspondence between protocols)."""
+"""Label overlap: Dice per label (with an optional label correspondence between protocols),
+and the labels two maps have in common."""
 
 from __future__ import annotations
 
@@ -40,6 +41,33 @@ def dice_per_label(
         denom = int(a.sum()) + int(b.sum())
         out[int(t)] = float(2.0 * np.logical_and(a, b).sum() / denom) if denom else float("nan")
     return out
+
+
+def shared_labels(
+    fixed_labels: np.ndarray,
+    moving_labels: np.ndarray,
+    mapping: Mapping[int, int] | None = None,
+) -> list[int]:
+    """Non-zero fixed labels that also occur in the moving label map (through ``mapping``).
+
+    Use it before scoring to warn that Dice will be meaningless, e.g.
+    ``if not shared_labels(f, m, mapping): logger.warning("no label in common ...")``.
+    The two maps need not be on the same grid (only the label values are compared).
+
+    Args:
+        fixed_labels: integer label array of the fixed image, any shape.
+        moving_labels: integer label array of the moving image, any shape.
+        mapping: ``fixed label -> moving label`` as in :func:`dice_per_label`
+            (a fixed label missing from it maps to itself); ``None`` or empty
+            means identity.  A fixed label mapped to 0 (background) never counts.
+
+    Returns:
+        The sorted fixed labels ``t != 0`` whose counterpart ``mapping.get(t, t)``
+        is a non-zero value present in ``moving_labels``; empty when they share none.
+    """
+    fixed = sorted({int(v) for v in np.unique(fixed_labels)} - {0})
+    moving = {int(v) for v in np.unique(moving_labels)} - {0}
+    return [t for t in fixed if (mapping.get(t, t) if mapping else t) in moving]
 
 
 def mean_dice(scores: Mapping[int, float]) -> float:

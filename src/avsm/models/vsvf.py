@@ -10,8 +10,9 @@ previous step's map):
 
 1. ``v = K ⋆ m`` on the low-resolution grid (multi-Gaussian, then CFL clamp);
 2. ``Φ0`` is sampled on the low-resolution grid (exact for affine ``Φ0``);
-3. the map is advected with ``v`` over unit time (RK4, 10 steps by default):
-   ``Φ = Φ0 ∘ exp(−v)``;
+3. the map is advected with ``v`` over unit time: ``Φ = Φ0 ∘ exp(−v)``, either
+   by solving the transport equation (``rk4``, 10 steps: the paper's) or by
+   scaling and squaring ``exp(−v)`` and composing (``ss``, 7 squarings);
 4. the result is upsampled trilinearly to full resolution.
 
 The inverse of a chain of steps is ``exp(v_k) ∘ … ∘ exp(v_1) ∘ Φ0⁻¹``, built
@@ -28,9 +29,13 @@ import torch
 from torch import nn
 
 from avsm.core.coords import identity_map, unit_spacing
-from avsm.core.integrate import advect_map, cfl_clamp
+from avsm.core.integrate import advect_map, cfl_clamp, svf_exp
 from avsm.core.sampling import compose, resample_map
 from avsm.core.smoothing import DEFAULT_SIGMAS, MultiGaussianSmoother
+
+
+#: integrators of the map: transport equation (``rk4``, ``euler``) or scaling and squaring (``ss``)
+INTEGRATORS = ("rk4", "euler", "ss")
 
 
 def low_res_shape(shape: Sequence[int], factor: float = 0.5, minimum: int = 4) -> tuple[int, int, int]:
@@ -60,9 +65,11 @@ class VSVF(nn.Module):
         full_shape: spatial shape (D, H, W) of the fixed image grid the map lives on.
         low_shape: momentum/velocity grid; default half of ``full_shape``.
         sigmas, weights: multi-Gaussian kernel (unit-domain σ; weights ∝ σ by default).
-        steps: time steps of the integrator over unit time.
-        method: ``rk4`` or ``euler``.
-        cfl: clamp velocities that would break the CFL condition.
+        steps: time steps of the ``rk4``/``euler`` integrator over unit time.
+        method: ``rk4``, ``euler`` (transport equation) or ``ss`` (scaling and squaring).
+        cfl: clamp velocities that would break the CFL condition (``rk4``/``euler`` only:
+            scaling and squaring has no such condition).
+        squarings: K of the ``ss`` integrator.
     """
 
     def __init__(
@@ -75,19 +82,25 @@ class VSVF(nn.Module):
         steps: int = 10,
         method: str = "rk4",
         cfl: bool = True,
+        squarings: int = 7,
     ) -> None:
         super().__init__()
         self.full_shape = tuple(int(s) for s in full_shape)
         self.low_shape = tuple(int(s) for s in (low_shape or low_res_shape(self.full_shape)))
         self.smoother = MultiGaussianSmoother(self.low_shape, sigmas, weights)
         self.steps = int(steps)
+        if method not in INTEGRATORS:
+            raise ValueError(f"unknown integrator {method!r}; choose one of {', '.join(INTEGRATORS)}")
         self.method = method
         self.cfl = cfl
+        self.squarings = int(squarings)
+        # built once: the identity of the low-resolution grid (used by every ``ss`` step)
+        self.register_buffer("low_identity", identity_map(self.low_shape), persistent=False)
 
     def velocity(self, m: torch.Tensor) -> torch.Tensor:
         """``v = K ⋆ m`` (then CFL clamp).  ``m``: ``(B, 3, d, h, w)`` on ``low_shape``."""
         v = self.smoother(m)
-        return cfl_clamp(v, self.steps) if self.cfl else v
+        return cfl_clamp(v, self.steps) if (self.cfl and self.method != "ss") else v
 
     def energy(self, m: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """``⟨m, v⟩ = ∫ m · v dx`` over the unit cube (Riemann sum), per batch item ``(B,)``."""
@@ -99,15 +112,24 @@ class VSVF(nn.Module):
         if tuple(m.shape[2:]) != self.low_shape:
             raise ValueError(f"momentum grid {tuple(m.shape[2:])} != {self.low_shape}")
         v = self.velocity(m)
-        phi_low = advect_map(resample_map(phi0, self.low_shape), v, steps=self.steps,
-                             method=self.method)  # type: ignore[arg-type]
+        phi0_low = resample_map(phi0, self.low_shape)
+        if self.method == "ss":
+            phi_low = compose(phi0_low, self._exp_low(-v))
+        else:
+            phi_low = advect_map(phi0_low, v, steps=self.steps, method=self.method)  # type: ignore[arg-type]
         return VSVFStep(phi=resample_map(phi_low, self.full_shape), v=v, energy=self.energy(m, v))
 
     def exp(self, v: torch.Tensor) -> torch.Tensor:
         """Full-resolution ``exp(v)`` = time-1 flow of ``v`` (= ``advect(id, −v)``), ``(B, 3, *full_shape)``."""
-        idm = identity_map(self.low_shape, batch=v.shape[0], dtype=v.dtype, device=v.device)
-        return resample_map(advect_map(idm, -v, steps=self.steps, method=self.method),  # type: ignore[arg-type]
-                            self.full_shape)
+        return resample_map(self._exp_low(v), self.full_shape)
+
+    def _exp_low(self, u: torch.Tensor) -> torch.Tensor:
+        """``exp(u)`` on the low-resolution grid, ``(B, 3, *low_shape)``, by this model's integrator."""
+        idm = self.low_identity.to(dtype=u.dtype, device=u.device)
+        if self.method == "ss":
+            return svf_exp(u, squarings=self.squarings, identity=idm)
+        return advect_map(idm.expand(u.shape[0], *idm.shape[1:]), -u, steps=self.steps,
+                          method=self.method)  # type: ignore[arg-type]
 
     def inverse(self, velocities: Sequence[torch.Tensor], phi0_inverse: torch.Tensor) -> torch.Tensor:
         """Inverse of ``Φ0 ∘ exp(−v_1) ∘ … ∘ exp(−v_k)``: ``exp(v_k) ∘ … ∘ exp(v_1) ∘ Φ0⁻¹``.
