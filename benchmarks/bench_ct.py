@@ -38,8 +38,8 @@ from avsm.settings import preset  # noqa: E402
 log = logging.getLogger("bench_ct")
 
 VARIANTS = {
-    "opt ct [-1000,1000]": {"modality": "ct"},
-    "opt ct [-1000,400]": {"modality": "ct", "ct_window": (-1000.0, 400.0)},
+    "opt ct -1000..1000 HU": {"modality": "ct"},
+    "opt ct -1000..400 HU": {"modality": "ct", "ct_window": (-1000.0, 400.0)},
     "opt mr percentiles": {"modality": "mr"},
     "ants-syn": {},
 }
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             res = ants_syn(fixed, moving)
         else:
-            res = register(fixed=fixed, moving=moving, settings=preset("fast", **VARIANTS[name]), progress=False)
+            res = register(fixed=fixed, moving=moving, settings=preset("fast", method="opt", **VARIANTS[name]), progress=False)
         t = time.perf_counter() - t0
         dice = dice_per_label(res.warp(ml).array, fl.array, labels=[1])[1]
         dice_aff = dice_per_label(res.warp(ml, affine_only=True).array, fl.array, labels=[1])[1]

@@ -25,9 +25,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-LABELS = {"opt": "avsm opt (fast, default)", "opt-paper": "avsm opt (paper preset)", "net": "avsm net",
-          "net+opt": "avsm net+opt", "ants-syn": "ANTs SyN (antspyx 'SyN')", "demons": "SimpleITK demons",
-          "niftyreg": "NiftyReg aladin+f3d", "elastix": "elastix affine+B-spline", "voxelmorph": "VoxelMorph"}
+LABELS = {"opt": "avsm opt (fast)", "opt-paper": "avsm opt (paper)", "net": "avsm net",
+          "net+opt": "avsm net+opt (default here)", "ants-syn": "ANTs SyN", "demons": "SimpleITK demons",
+          "niftyreg": "NiftyReg", "elastix": "elastix", "voxelmorph": "VoxelMorph"}
+#: label offsets (points) so that neighbouring labels do not overlap
+OFFSETS = {"ants-syn": (-10, 8), "niftyreg": (6, -12), "opt": (6, -12), "net+opt": (6, 4), "elastix": (6, 4),
+           "opt-paper": (-70, -14)}
 
 
 def pareto(points: list[tuple[float, float, str]]) -> list[tuple[float, float, str]]:
@@ -52,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     for t, d, n in pts:
         own = n.startswith("opt") or n.startswith("net")
         ax.scatter(t, d, s=60, marker="o" if own else "s", color="tab:red" if own else "tab:blue", zorder=3)
-        ax.annotate(LABELS.get(n, n), (t, d), textcoords="offset points", xytext=(6, -3), fontsize=8)
+        ax.annotate(LABELS.get(n, n), (t, d), textcoords="offset points", xytext=OFFSETS.get(n, (6, -3)),
+                    fontsize=8)
     front = pareto(pts)
     ax.plot([p[0] for p in front], [p[1] for p in front], "--", color="grey", lw=1, zorder=2,
             label="Pareto frontier")

@@ -112,7 +112,7 @@ def test_paper_preset_is_the_papers_schedule() -> None:
     f = preset("fast")
     assert f.vsvf.integrator == "ss" and f.vsvf.iterations[-1] == 0
     assert set(PRESETS) == {"fast", "paper"}
-    assert RegistrationSettings().preset == "fast" and RegistrationSettings().method == "opt"
+    assert RegistrationSettings().preset == "fast" and RegistrationSettings().method == "auto"
 
 
 def test_settings_validate_and_copy() -> None:
@@ -130,3 +130,17 @@ def test_settings_validate_and_copy() -> None:
         VSVFOptConfig(optimizer="sgd")
     with pytest.raises(ValueError):
         VSVFOptConfig(scales=(0.5, 1.0), iterations=(10,))
+
+
+def test_auto_method_picks_net_opt_for_head_mr_and_opt_otherwise() -> None:
+    from avsm.api import choose_method
+
+    brain = load_image(DATA / "mni_4mm.nii.gz")
+    s = preset("fast")
+    assert choose_method(brain, brain, s)[0] == "net+opt"
+    assert choose_method(brain, brain, s.replace(transform="rigid"))[0] == "opt"
+    ct = brain.with_array(np.where(brain.array > 0, 40.0, -1000.0).astype(np.float32))
+    assert choose_method(ct, ct, s)[0] == "opt"
+    g = brain.grid
+    small = type(g)(g.shape, tuple(sp * 0.3 for sp in g.spacing), g.origin, g.direction)  # a 60 mm box
+    assert choose_method(Volume(brain.array, small), brain, s)[0] == "opt"

@@ -268,6 +268,34 @@ def resolve_settings(settings: RegistrationSettings | None = None, **overrides: 
     return s.replace(**changes) if changes else s
 
 
+#: physical box of the bundled network's training data (head-sized volumes), mm per axis
+HEAD_EXTENT_MM = (100.0, 300.0)
+
+
+def choose_method(fixed: Volume, moving: Volume, settings: RegistrationSettings) -> tuple[str, str]:
+    """What ``method='auto'`` runs: the most accurate method within ANTs SyN's time for this input.
+
+    Measured (README, ``benchmarks/bench_real.py``): on brain MR, ``net+opt`` is the most
+    accurate method in less than SyN's time; the bundled network was trained on head MR
+    only, so any other input (CT, a body part, a linear-only transform) gets ``opt``.
+
+    Returns:
+        ``(method, reason)``.
+    """
+    if settings.transform != "deformable":
+        return "opt", f"--transform {settings.transform}"
+    mods = resolve_modalities(fixed, moving, settings.modality)
+    if "ct" in mods:
+        return "opt", "CT input: the bundled network was trained on head MR only"
+    lo, hi = HEAD_EXTENT_MM
+    for v in (fixed, moving):
+        ext = v.grid.extent_mm
+        if not all(lo <= e <= hi for e in ext):
+            return "opt", (f"{v.name}: field of view {'×'.join(f'{e:.0f}' for e in ext)} mm is not head-sized "
+                           "(the bundled network's training data)")
+    return "net+opt", "head-sized MR volumes, like the bundled network's training data"
+
+
 def resolve_modalities(fixed: Volume, moving: Volume, modality: str) -> tuple[str, str]:
     """``(fixed, moving)`` modalities: ``auto`` detects each image (and logs the decision)."""
     if modality != "auto":
@@ -333,7 +361,7 @@ def register(
     Args:
         fixed, moving: intensity volumes (any geometry; see :func:`avsm.io.load_image`).
         settings: all options (:class:`avsm.settings.RegistrationSettings`); default the
-            ``fast`` preset with ``method='opt'``.
+            ``fast`` preset with ``method='auto'`` (see :func:`choose_method`).
         fixed_mask, moving_mask: 0/1 masks on the images' own grids (see
             :func:`avsm.io.masks.load_mask`); the similarity ignores voxels outside them
             (as ``antsRegistration -x``).  The network ignores masks (its refinement in
@@ -349,9 +377,13 @@ def register(
         settings used and the optimisers' histories.
     """
     s = resolve_settings(settings, **overrides)
+    if s.method == "auto":
+        chosen, why = choose_method(fixed, moving, s)
+        log.info("method auto: %s (%s)", chosen, why)
+        s = s.replace(method=chosen)
     method, device = s.method, s.device
     timings: dict[str, float] = {}
-    info: dict[str, Any] = {"preset": s.preset}
+    info: dict[str, Any] = {"preset": s.preset, "method": method}
     t0 = time.perf_counter()
     net = None
     spacing, shape = s.spacing, s.shape

@@ -129,7 +129,7 @@ def register_pair(
         fixed, moving: image files (NIfTI, NRRD, MHA) or DICOM series folders.
         out_dir: output folder.
         settings: how to register (:class:`avsm.settings.RegistrationSettings`;
-            default: the ``fast`` preset, ``method='opt'``).
+            default: the ``fast`` preset, ``method='auto'``).
         outputs: which transform formats and figures to write.
         moving_labels, fixed_labels: label maps on the images' grids (warped / scored).
         label_mapping: ``fixed_label,moving_label`` CSV (or mapping) when protocols differ.
@@ -187,7 +187,8 @@ def register_pair(
         det = result.jacobian_determinant()
         summary: dict[str, Any] = {
             "avsm_version": __version__,
-            "method": method,
+            "method": result.method,
+            "method_requested": method,
             "preset": s.preset,
             "init": result.info.get("init"),
             "fixed": os.path.abspath(fixed),
@@ -234,6 +235,6 @@ def register_pair(
             summary["outputs"]["qc"] = paths["qc"]
         with open(tx_paths["summary"], "w") as fh:
             json.dump(summary, fh, indent=2)
-    log.info("registered %s -> %s with %s in %.1f s", moving, fixed, method, t_reg)
+    log.info("registered %s -> %s with %s in %.1f s", moving, fixed, result.method, t_reg)
     return summary
 

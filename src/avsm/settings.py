@@ -32,7 +32,7 @@ from avsm.optim.vsvf_opt import VSVFOptConfig
 __all__ = ["METHODS", "TRANSFORMS", "INIT_MODES", "PRESETS", "NetworkSettings", "RegistrationSettings", "preset"]
 
 #: registration methods
-METHODS = ("affine", "opt", "net", "net+opt")
+METHODS = ("auto", "affine", "opt", "net", "net+opt")
 #: initialisation modes (anything else is read as a transform file)
 INIT_MODES = ("auto", "header", "com", "moments")
 #: transform models (``deformable`` = affine + vSVF)
@@ -96,8 +96,10 @@ class RegistrationSettings:
     """Everything that decides how a pair is registered (outputs are the pipeline's).
 
     Attributes:
-        method: ``opt`` (affine-opt + vSVF-opt), ``affine``, ``net`` (AVSM network)
-            or ``net+opt`` (network, then vSVF-opt refinement).
+        method: ``auto`` (default: ``net+opt`` for inputs like the bundled network's
+            training data, head-sized MR volumes, else ``opt``; see
+            :func:`avsm.api.choose_method`), ``opt`` (affine-opt + vSVF-opt), ``affine``,
+            ``net`` (AVSM network) or ``net+opt`` (network, then vSVF-opt refinement).
         preset: the name of the preset the stage settings came from (informational).
         transform: ``deformable`` (affine + vSVF, default), ``affine`` or ``rigid`` (the
             linear stage alone, with the ``linear`` settings; rigid is a rotation and a
@@ -122,7 +124,7 @@ class RegistrationSettings:
         network: network weights and steps.
     """
 
-    method: str = "opt"
+    method: str = "auto"
     preset: str = "fast"
     transform: str = "deformable"
     init: str = "auto"

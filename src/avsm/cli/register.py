@@ -9,8 +9,9 @@ import sys
 from avsm.errors import AvsmError
 from avsm.settings import RegistrationSettings
 
-METHOD_HELP = ("opt: affine-opt + vSVF-opt, no training needed (default; the 'fast' preset is as accurate as "
-               "ANTs SyN in less time on brain MRI, see the README); affine: affine-opt only; net: the bundled "
+METHOD_HELP = ("auto (default): net+opt for head-sized MR volumes (the bundled network's domain; the most "
+               "accurate method in less than ANTs SyN's time there), opt otherwise (CT, other anatomy), logged; "
+               "opt: affine-opt + vSVF-opt, no training needed; affine: affine-opt only; net: the bundled "
                "AVSM network, one pass (brain T1 only); net+opt: the network, then vSVF-opt refinement")
 
 
@@ -26,7 +27,7 @@ def add_common_options(p: argparse.ArgumentParser) -> None:
     from avsm.settings import PRESETS, SIMILARITIES
 
     g = p.add_argument_group("method")
-    g.add_argument("--method", default=None, choices=("opt", "affine", "net", "net+opt"),
+    g.add_argument("--method", default=None, choices=("auto", "opt", "affine", "net", "net+opt"),
                    help=METHOD_HELP)
     g.add_argument("--transform", default="deformable", choices=("rigid", "affine", "deformable"),
                    help="deformable: affine + vSVF (default); affine or rigid: the linear stage alone "
@@ -98,7 +99,7 @@ def settings_from_args(args: argparse.Namespace) -> RegistrationSettings:
     from avsm.settings import NetworkSettings, preset
 
     s = preset(args.preset)
-    method = args.method or "opt"
+    method = args.method or "auto"
     changes: dict = {"method": method, "transform": args.transform, "init": args.init,
                      "modality": args.modality, "similarity": args.similarity,
                      "spacing": args.spacing, "device": args.device,

@@ -81,9 +81,18 @@ class MSE(nn.Module):
 def similarity(name: str) -> nn.Module:
     """Similarity loss by name: ``lncc`` (mk-LNCC), ``ncc``, ``mse`` or ``mi`` (Mattes-style MI).
 
-    The module's forward is ``(warped, fixed, weight=None)``.
+    The module's forward is ``(warped, fixed, weight=None)``.  ``mi`` samples
+    :data:`MI_SAMPLES` voxels per evaluation, redrawn each time (as Mattes MI in
+    ITK/ANTs samples a share of the voxels): on a 2 mm brain this is about 8 % of the
+    grid and 10× cheaper than all voxels.
     """
     table: dict[str, type[nn.Module]] = {"lncc": MKLNCC, "ncc": NCC, "mse": MSE, "mi": MutualInformation}
     if name not in table:
         raise ValueError(f"unknown similarity {name!r}; choose from {sorted(table)}")
+    if name == "mi":
+        return MutualInformation(samples=MI_SAMPLES)
     return table[name]()
+
+
+#: voxels sampled per evaluation by ``similarity("mi")``
+MI_SAMPLES = 100_000
