@@ -23,7 +23,6 @@ import os
 import sys
 import time
 
-import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "src"))
@@ -69,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             res = ants_syn(fixed, moving)
         else:
-            res = register(fixed=fixed, moving=moving, settings=preset("fast", method="opt", **VARIANTS[name]), progress=False)
+            res = register(fixed=fixed, moving=moving, settings=preset("fast", method="opt", **VARIANTS[name]),
+                           progress=False)
         t = time.perf_counter() - t0
         dice = dice_per_label(res.warp(ml).array, fl.array, labels=[1])[1]
         dice_aff = dice_per_label(res.warp(ml, affine_only=True).array, fl.array, labels=[1])[1]

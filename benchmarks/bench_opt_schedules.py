@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
                 fh.write(json.dumps(row) + "\n")
                 fh.flush()
                 log.info("%s", json.dumps(row))
-    sys.stdout.write(f"\n| variant | pair | Dice | Dice affine | time s | affine s | vsvf s | evals | folds |\n"
+    sys.stdout.write("\n| variant | pair | Dice | Dice affine | time s | affine s | vsvf s | evals | folds |\n"
                      "|---|---|---|---|---|---|---|---|---|\n")
     for r in rows:
         sys.stdout.write(f"| {r['variant']} | {r['pair']} | {r['dice']:.4f} | {r['dice_affine']:.4f} | "

@@ -13,6 +13,7 @@ from avsm.core.coords import centred_to_homogeneous
 from avsm.io.geometry import unit_affine_between
 from avsm.io.image import Volume
 from avsm.metrics.overlap import dice_per_label, mean_dice
+from test_initialise import _rotation  # the same axis rotations
 
 DATA = Path(__file__).parent / "data"
 
@@ -31,15 +32,6 @@ def _moved(img: sitk.Image, R: np.ndarray, t: np.ndarray) -> sitk.Image:
     out.SetDirection((R @ D).ravel().tolist())
     out.SetOrigin((R @ (o - c) + c + t).tolist())
     return out
-
-
-def _rot(axis: int, deg: float) -> np.ndarray:
-    a = np.deg2rad(deg)
-    c, s = np.cos(a), np.sin(a)
-    i, j = [k for k in range(3) if k != axis]
-    R = np.eye(3)
-    R[i, i], R[i, j], R[j, i], R[j, j] = c, -s, s, c
-    return R
 
 
 def _dice(fixed, fixed_lab, moving, moving_lab) -> float:
@@ -66,7 +58,7 @@ def test_large_offsets_recovered(brains, reference_dice, case: str) -> None:
     if case == "translate300":
         R, t = np.eye(3), np.array([300.0, -300.0, 300.0])
     else:
-        R, t = _rot("xyz".index(case[-1]), 30.0), np.array([40.0, -25.0, 60.0])
+        R, t = _rotation("xyz".index(case[-1]), 30.0), np.array([40.0, -25.0, 60.0])
     mi2, ml2 = _moved(mi, R, t), _moved(ml, R, t)
     # without the initialisation the pair barely overlaps, or not at all
     res = register(fixed=Volume.from_sitk(fi), moving=Volume.from_sitk(mi2), method="affine", init="header",
@@ -100,7 +92,7 @@ def test_init_file_is_applied_in_ants_order(tmp_path: Path, brains) -> None:
     ``antsRegistration --initial-moving-transform`` (and antsApplyTransforms) apply it."""
     fi, _, mi, _ = brains
     T = sitk.AffineTransform(3)
-    T.SetMatrix((_rot(2, 10.0) @ np.diag([1.05, 0.95, 1.0])).ravel().tolist())
+    T.SetMatrix((_rotation(2, 10.0) @ np.diag([1.05, 0.95, 1.0])).ravel().tolist())
     T.SetCenter((5.0, -10.0, 12.0))
     T.SetTranslation((7.0, -3.0, 11.0))
     path = tmp_path / "init_0GenericAffine.mat"

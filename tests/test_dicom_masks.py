@@ -8,7 +8,6 @@ subsampled) given an oblique direction and anisotropic spacing.
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path

@@ -35,14 +35,13 @@ import torch
 from avsm.core.coords import affine_map, homogeneous_to_centred, invert_affine
 from avsm.core.jacobian import jacobian_determinant
 from avsm.core.sampling import Pyramid, compose
-from avsm.errors import AvsmError
 from avsm.io.geometry import Grid, unit_affine_between
 from avsm.io.image import Volume, normalize_intensity, resample
 from avsm.models.vsvf import VSVF
 from avsm.optim.affine_opt import optimise_affine
 from avsm.optim.vsvf_opt import VSVFOptConfig, optimise_vsvf
 from avsm.optim.initialise import initial_affine
-from avsm.settings import INIT_MODES, METHODS, RegistrationSettings, preset
+from avsm.settings import INIT_MODES, RegistrationSettings, preset
 from avsm.transform import WorldMapTransform, apply_homogeneous, grid_affine_map
 
 log = logging.getLogger(__name__)
@@ -272,19 +271,24 @@ def resolve_settings(settings: RegistrationSettings | None = None, **overrides: 
 HEAD_EXTENT_MM = (100.0, 300.0)
 
 
-def choose_method(fixed: Volume, moving: Volume, settings: RegistrationSettings) -> tuple[str, str]:
+def choose_method(fixed: Volume, moving: Volume, settings: RegistrationSettings,
+                  modalities: tuple[str, str] | None = None) -> tuple[str, str]:
     """What ``method='auto'`` runs: the most accurate method within ANTs SyN's time for this input.
 
     Measured (README, ``benchmarks/bench_real.py``): on brain MR, ``net+opt`` is the most
     accurate method in less than SyN's time; the bundled network was trained on head MR
     only, so any other input (CT, a body part, a linear-only transform) gets ``opt``.
 
+    Args:
+        modalities: ``(fixed, moving)`` as :func:`resolve_modalities` gives them (computed
+            here when not given).
+
     Returns:
         ``(method, reason)``.
     """
     if settings.transform != "deformable":
         return "opt", f"--transform {settings.transform}"
-    mods = resolve_modalities(fixed, moving, settings.modality)
+    mods = modalities or resolve_modalities(fixed, moving, settings.modality)
     if "ct" in mods:
         return "opt", "CT input: the bundled network was trained on head MR only"
     lo, hi = HEAD_EXTENT_MM
@@ -377,8 +381,9 @@ def register(
         settings used and the optimisers' histories.
     """
     s = resolve_settings(settings, **overrides)
+    modalities = resolve_modalities(fixed, moving, s.modality)
     if s.method == "auto":
-        chosen, why = choose_method(fixed, moving, s)
+        chosen, why = choose_method(fixed, moving, s, modalities)
         log.info("method auto: %s (%s)", chosen, why)
         s = s.replace(method=chosen)
     method, device = s.method, s.device
@@ -394,7 +399,6 @@ def register(
             spacing = net.config.working_spacing
     if spacing is None and shape is None:
         spacing = max(2.0, min(fixed.grid.spacing))  # never upsample a coarse image
-    modalities = resolve_modalities(fixed, moving, s.modality)
     info["modality"] = {"fixed": modalities[0], "moving": modalities[1]}
     if net is not None and "ct" in modalities:
         log.warning("the bundled network was trained on brain MR (T1) only and this input looks like CT; "

@@ -158,8 +158,9 @@ class RegistrationSettings:
         if self.similarity is not None:
             if self.similarity not in SIMILARITIES:
                 raise AvsmError(f"unknown similarity {self.similarity!r}; choose one of {', '.join(SIMILARITIES)}")
-            for cfg in (self.affine, self.linear, self.vsvf, self.refine):
-                cfg.similarity = self.similarity
+            # copies: the caller's stage configs are not changed behind its back
+            for name in ("affine", "linear", "vsvf", "refine"):
+                setattr(self, name, dataclasses.replace(getattr(self, name), similarity=self.similarity))
         if self.spacing is not None and not self.spacing > 0:
             raise AvsmError(f"spacing must be > 0 mm, got {self.spacing}")
         if self.shape is not None:

@@ -127,22 +127,36 @@ def _series_files(folder: str, uid: str) -> tuple[str, ...]:
     return tuple(str(f) for f in files)
 
 
-def _read_tag(file: str, tag: str) -> str | None:
-    """One header value of a DICOM file (stripped), ``None`` when absent or unreadable."""
+def _header_reader(file: str) -> sitk.ImageFileReader:
+    """A GDCM reader that has read ``file``'s header (raises ``RuntimeError`` when it cannot)."""
     reader = sitk.ImageFileReader()
     reader.SetImageIO("GDCMImageIO")
     reader.SetFileName(file)
+    with _quiet_itk():
+        reader.ReadImageInformation()
+    return reader
+
+
+def _meta(reader: sitk.ImageFileReader, key: str) -> str | None:
+    """A header value as stored, ``None`` when absent or not decodable (e.g. Latin-1 text)."""
+    if not reader.HasMetaDataKey(key):
+        return None
     try:
-        with _quiet_itk():
-            reader.ReadImageInformation()
+        return reader.GetMetaData(key)
+    except UnicodeDecodeError:
+        return None
+
+
+def _read_tag(file: str, tag: str) -> str | None:
+    """One header value of a DICOM file (stripped), ``None`` when absent or unreadable."""
+    try:
+        reader = _header_reader(file)
     except RuntimeError:
         return None
-    if not reader.HasMetaDataKey(tag):
+    value = _meta(reader, tag)
+    if value is None:
         return None
-    try:
-        value = reader.GetMetaData(tag).strip().rstrip("\x00").strip()
-    except UnicodeDecodeError:  # e.g. a Latin-1 description
-        return None
+    value = value.strip().rstrip("\x00").strip()
     return value or None
 
 
@@ -252,24 +266,15 @@ def _floats(text: str | None, n: int) -> np.ndarray | None:
 
 
 def _header(folder: str, file: str) -> _SliceHeader:
-    reader = sitk.ImageFileReader()
-    reader.SetImageIO("GDCMImageIO")
-    reader.SetFileName(file)
     try:
-        with _quiet_itk():
-            reader.ReadImageInformation()
+        reader = _header_reader(file)
     except RuntimeError as e:
         raise AvsmError(
             f"cannot read the DICOM header of {os.path.basename(file)}: {_itk_reason(e)}", folder
         ) from e
 
     def tag(key: str) -> str | None:
-        if not reader.HasMetaDataKey(key):
-            return None
-        try:
-            return reader.GetMetaData(key)
-        except UnicodeDecodeError:
-            return None
+        return _meta(reader, key)
 
     spacing = reader.GetSpacing()
     return _SliceHeader(

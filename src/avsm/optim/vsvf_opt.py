@@ -242,7 +242,3 @@ def optimise_vsvf(
     return VSVFOptResult(phi=step.phi, momentum=m_prev, velocity=step.v, model=model, history=history,
                          evaluations=evaluations, level_seconds=level_seconds)
 
-
-def energy_curve(history: Sequence[dict], scale: float) -> list[float]:
-    """The energy per iteration of one level from a result's ``history``."""
-    return [h["loss"] for h in history if h.get("scale") == scale]
