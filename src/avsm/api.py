@@ -25,7 +25,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -33,16 +33,15 @@ import SimpleITK as sitk
 import torch
 
 from avsm.core.coords import affine_map, homogeneous_to_centred, invert_affine
-from avsm.core.jacobian import jacobian_determinant
-from avsm.core.sampling import Pyramid, compose
+from avsm.core.sampling import Pyramid
 from avsm.io.geometry import Grid, unit_affine_between
 from avsm.io.image import Volume, normalize_intensity, resample
-from avsm.models.vsvf import VSVF
+from avsm.models.vsvf import VSVF, VelocityStep
 from avsm.optim.affine_opt import optimise_affine
 from avsm.optim.vsvf_opt import VSVFOptConfig, optimise_vsvf
 from avsm.optim.initialise import initial_affine
 from avsm.settings import INIT_MODES, RegistrationSettings, preset
-from avsm.transform import WorldMapTransform, apply_homogeneous, grid_affine_map
+from avsm.transform import RegistrationResult
 
 log = logging.getLogger(__name__)
 
@@ -163,62 +162,6 @@ def prepare_pair(
     M = torch.as_tensor(unit_affine_between(fg, mg), dtype=torch.float64).unsqueeze(0)
     A0, b0 = homogeneous_to_centred(M)
     return PreparedPair(fixed, moving, fg, mg, ft, mt, A0.float().to(device), b0.float().to(device))
-
-
-@dataclass
-class RegistrationResult(WorldMapTransform):
-    """A registration between a fixed and a moving image, and how to use it.
-
-    Attributes:
-        fixed_grid, moving_grid: working grids of the two images.
-        fixed_original, moving_original: the images' own grids.
-        A, b: ``(1, 3, 3)``, ``(1, 3)`` final affine (fixed → moving working unit coordinates).
-        phi: ``(1, 3, *fixed_grid.shape)`` forward map → moving working unit coordinates.
-        phi_inv: ``(1, 3, *moving_grid.shape)`` inverse map → fixed working unit coordinates.
-        phi_affine: ``(1, 3, *fixed_grid.shape)`` the affine stage alone.
-        method: method name; ``timings``: seconds per stage; ``info``: extra records.
-    """
-
-    fixed_grid: Grid
-    moving_grid: Grid
-    fixed_original: Grid
-    moving_original: Grid
-    A: torch.Tensor
-    b: torch.Tensor
-    phi: torch.Tensor
-    phi_inv: torch.Tensor
-    phi_affine: torch.Tensor
-    method: str
-    timings: dict[str, float] = field(default_factory=dict)
-    info: dict[str, Any] = field(default_factory=dict)
-
-    def world_map(self, grid: Grid | None = None, *, inverse: bool = False,
-                  affine_only: bool = False) -> torch.Tensor:
-        """World (LPS mm) point that each voxel of ``grid`` maps to, ``(1, 3, *grid.shape)`` float64.
-
-        Forward: ``grid`` is in the fixed image's space (default: the fixed image's
-        own grid) and the values are points in the moving image.  ``inverse``
-        swaps the roles (default grid: the moving image's own grid).
-        """
-        src, dst = (self.moving_grid, self.fixed_grid) if inverse else (self.fixed_grid, self.moving_grid)
-        if grid is None:
-            grid = self.moving_original if inverse else self.fixed_original
-        if inverse:
-            if affine_only:
-                Ai, bi = invert_affine(self.A.double(), self.b.double())
-                phi = affine_map(Ai, bi, src.shape)
-            else:
-                phi = self.phi_inv.double()
-        else:
-            phi = (self.phi_affine if affine_only else self.phi).double()
-        inner = grid_affine_map(src.world_to_unit() @ grid.unit_to_world(), grid.shape,
-                                device=phi.device)
-        unit = compose(phi, inner)
-        return apply_homogeneous(dst.unit_to_world(), unit)
-
-    def folds(self) -> int:
-        """Voxels with ``det J < 0`` on the fixed working grid (the registration's own grid)."""
-        return int((jacobian_determinant(self.phi.double()) < 0).sum())
 
 
 def _load_net(model: Any, device: torch.device | str) -> Any:
@@ -420,6 +363,7 @@ def register(
     if mw is not None:
         mw = Pyramid(mw)  # type: ignore[assignment]
     t1 = time.perf_counter()
+    steps: list[VelocityStep] = []
     if method in ("affine", "opt"):
         history: list[dict] = []
         linear_only = method == "affine" or s.transform != "deformable"
@@ -432,52 +376,38 @@ def register(
                                progress=progress)
         info["affine_history"] = history
         timings["affine"] = time.perf_counter() - t1
-        phi_affine = affine_map(A, b, pair.fixed_grid.shape)
-        Ai, bi = invert_affine(A, b)
-        if linear_only:
-            phi = phi_affine
-            phi_inv = affine_map(Ai, bi, pair.moving_grid.shape)
-        else:
+        if not linear_only:
             t2 = time.perf_counter()
-            res = optimise_vsvf(f, m, phi_affine, s.vsvf, weight=fw, moving_weight=mw, progress=progress)
+            res = optimise_vsvf(f, m, affine_map(A, b, pair.fixed_grid.shape), s.vsvf, weight=fw,
+                                moving_weight=mw, progress=progress)
             timings["vsvf"] = time.perf_counter() - t2
             info["vsvf_history"] = res.history
             info["vsvf_evaluations"] = res.evaluations
             info["vsvf_level_seconds"] = [round(t, 3) for t in res.level_seconds]
-            phi = res.phi
-            t3 = time.perf_counter()
-            with torch.no_grad():
-                phi_inv = res.model.inverse([res.velocity], affine_map(Ai, bi, pair.moving_grid.shape))
-            timings["inverse"] = time.perf_counter() - t3
+            steps.append(res.model.record(res.velocity))
     else:
         assert net is not None
         with torch.no_grad():
             out = net(m.image, f.image, A0, b0, affine_steps=s.network.affine_steps,
                       vsvf_steps=s.network.vsvf_steps)
         A, b = out.A, out.b
-        phi_affine = affine_map(A, b, pair.fixed_grid.shape)
-        Ai, bi = invert_affine(A, b)
-        phi = out.phi
         vs: VSVF = net.vsvf_for(pair.fixed_grid.shape)
-        with torch.no_grad():
-            phi_inv = vs.inverse(out.velocities, affine_map(Ai, bi, pair.moving_grid.shape))
+        steps.extend(vs.record(v) for v in out.velocities)
         timings["network"] = time.perf_counter() - t1
         if method == "net+opt":
             t2 = time.perf_counter()
-            res = optimise_vsvf(f, m, phi, s.refine, weight=fw, moving_weight=mw, progress=progress)
-            phi = res.phi
+            res = optimise_vsvf(f, m, out.phi, s.refine, weight=fw, moving_weight=mw, progress=progress)
             info["vsvf_history"] = res.history
             info["vsvf_evaluations"] = res.evaluations
-            with torch.no_grad():
-                phi_inv = res.model.inverse([res.velocity], phi_inv)
+            steps.append(res.model.record(res.velocity))
             timings["refine"] = time.perf_counter() - t2
-    timings["total"] = time.perf_counter() - t0
-    return RegistrationResult(
-        fixed_grid=pair.fixed_grid, moving_grid=pair.moving_grid,
-        fixed_original=fixed.grid, moving_original=moving.grid,
-        A=A.detach().cpu(), b=b.detach().cpu(), phi=phi.detach().cpu(), phi_inv=phi_inv.detach().cpu(),
-        phi_affine=phi_affine.detach().cpu(), method=method, timings=timings, info=info,
-    )
+    t_maps = time.perf_counter()
+    result = RegistrationResult.from_steps(
+        fixed_grid=pair.fixed_grid, moving_grid=pair.moving_grid, fixed_original=fixed.grid,
+        moving_original=moving.grid, A=A, b=b, steps=steps, method=method, timings=timings, info=info)
+    result.timings["maps"] = time.perf_counter() - t_maps
+    result.timings["total"] = time.perf_counter() - t0
+    return result
 
 
 def identity_result(fixed: Volume, moving: Volume, *, spacing: float = 2.0) -> RegistrationResult:

@@ -68,19 +68,24 @@ class OutputSettings:
     """What :func:`register_pair` writes besides the warped image and summary.
 
     Attributes:
-        formats: transform formats: ``ants`` (``0GenericAffine.mat``, ``1Warp``, ``1InverseWarp``,
-            composites) and/or ``l2r`` (Learn2Reg displacement).
+        formats: transform formats (:data:`avsm.export.itk.FORMATS`): ``ants``
+            (``0GenericAffine.mat``, ``1Warp``, ``1InverseWarp``, as antsRegistration writes),
+            ``avsm`` (the compact ``avsm.npz``), ``composite`` (``Composite``,
+            ``InverseComposite``), ``tfm`` (the affine as ITK text), ``l2r`` (Learn2Reg
+            displacement).  Default ``ants`` and ``avsm``.
         qc: also write ``qc.png``.
     """
 
-    formats: tuple[str, ...] = ("ants",)
+    formats: tuple[str, ...] = ("ants", "avsm")
     qc: bool = False
 
     def __post_init__(self) -> None:
-        self.formats = tuple(self.formats)
-        bad = set(self.formats) - {"ants", "l2r"}
+        from avsm.export.itk import FORMATS
+
+        self.formats = tuple(dict.fromkeys(self.formats))
+        bad = set(self.formats) - set(FORMATS)
         if bad or not self.formats:
-            raise AvsmError(f"unknown transform format(s) {sorted(bad)}; choose from ants, l2r")
+            raise AvsmError(f"unknown transform format(s) {sorted(bad)}; choose from {', '.join(FORMATS)}")
 
 
 def _load_pair(fixed: str, moving: str, fixed_labels: str | None, moving_labels: str | None,
@@ -143,9 +148,10 @@ def register_pair(
     ``warped_labels.nii.gz`` (with ``moving_labels``), ANTs-style transforms
     ``transform_0GenericAffine.mat``, ``transform_1Warp.nii.gz`` and
     ``transform_1InverseWarp.nii.gz`` (both on the fixed grid, as ANTs writes
-    them), ``transform_Composite.nii.gz`` (fixed grid) and
-    ``transform_InverseComposite.nii.gz`` (moving grid),
-    ``summary.json`` (method, settings, timings, folds, Dice when both label maps are
+    them), the compact ``transform_avsm.npz`` (affine + low-resolution velocities),
+    on request ``transform_Composite.nii.gz`` (fixed grid),
+    ``transform_InverseComposite.nii.gz`` (moving grid) and the others of
+    :class:`OutputSettings`, ``summary.json`` (method, settings, timings, folds, Dice when both label maps are
     given), and ``qc.png`` with ``outputs.qc``.
 
     Returns:
@@ -182,9 +188,15 @@ def register_pair(
         t0 = time.perf_counter()
         result = register(fixed=fv, moving=mv, settings=s, fixed_mask=fm, moving_mask=mm, progress=progress)
         t_reg = time.perf_counter() - t0
+        rss_reg = _peak_rss_mb()
+        t_out = time.perf_counter()
         warped = result.warp(mv)
         save_image(warped, tx_paths["warped"])
+        del warped
         det = result.jacobian_determinant()
+        folds = int((det < 0).sum())
+        det_min, det_max = float(det.min()), float(det.max())
+        del det
         summary: dict[str, Any] = {
             "avsm_version": __version__,
             "method": result.method,
@@ -198,12 +210,12 @@ def register_pair(
             "working_grid_moving": list(result.moving_grid.shape),
             "time_registration_s": round(t_reg, 3),
             "timings_s": {k: round(v, 3) for k, v in result.timings.items()},
-            "folds": int((det < 0).sum()),
-            "fold_fraction": float((det < 0).mean()),
+            "folds": folds,
+            "fold_fraction": folds / result.fixed_original.num_voxels,
             "folds_working_grid": result.folds(),
-            "jacobian_min": float(det.min()),
-            "jacobian_max": float(det.max()),
-            "peak_rss_mb": round(_peak_rss_mb(), 1),
+            "jacobian_min": det_min,
+            "jacobian_max": det_max,
+            "peak_rss_mb_registration": round(rss_reg, 1),
             "host": platform.node(),
             "torch": torch.__version__,
             "settings": _json_ready(s.to_dict()),
@@ -233,6 +245,8 @@ def register_pair(
 
             pair_figure(fv, mv, result, tx_paths["qc"], fixed_labels=fl, moving_labels=ml)
             summary["outputs"]["qc"] = paths["qc"]
+        summary["time_outputs_s"] = round(time.perf_counter() - t_out, 3)
+        summary["peak_rss_mb"] = round(_peak_rss_mb(), 1)
         with open(tx_paths["summary"], "w") as fh:
             json.dump(summary, fh, indent=2)
     log.info("registered %s -> %s with %s in %.1f s", moving, fixed, result.method, t_reg)

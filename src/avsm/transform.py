@@ -1,6 +1,6 @@
 """World-space view of a registration: the behaviour every result type shares.
 
-A result (avsm's own :class:`avsm.api.RegistrationResult`, or a peer tool's
+A result (avsm's own :class:`RegistrationResult`, or a peer tool's
 :class:`avsm.baselines.base.FieldResult`) only has to say where each voxel of a
 grid maps to in world coordinates (:meth:`WorldMapTransform.world_map`, LPS
 mm, pull-back: fixed-space point → moving-space point).  Warping volumes, unit
@@ -11,15 +11,34 @@ every method is measured by the same code.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 
-from avsm.core.coords import affine_map, homogeneous_to_centred
+from avsm.core.coords import affine_map, homogeneous_to_centred, invert_affine
 from avsm.core.jacobian import jacobian_determinant
-from avsm.core.sampling import warp
+from avsm.core.sampling import compose, warp
 from avsm.io.geometry import Grid
 from avsm.io.image import Volume
+from avsm.models.vsvf import VelocityStep, replay, replay_inverse
+
+#: voxels per slab when a map is evaluated on a large grid (a float64 point field of
+#: one slab is ``24 * SLAB_VOXELS`` bytes, about 100 MB)
+SLAB_VOXELS = 1 << 22
+
+
+def slab_ranges(grid: Grid, voxels: int | None = None) -> list[tuple[int, int]]:
+    """Ranges ``(z0, z1)`` of tensor-axis-0 slices covering ``grid``, about ``voxels`` voxels each.
+
+    Every per-voxel result (warped image, displacement field, det J) is computed on
+    :meth:`Grid.slab` sub-grids of these ranges, so memory grows with the slab,
+    not with the image.
+    """
+    plane = grid.shape[1] * grid.shape[2]
+    n = max(1, int(SLAB_VOXELS if voxels is None else voxels) // plane)
+    return [(z, min(z + n, grid.shape[0])) for z in range(0, grid.shape[0], n)]
 
 
 def apply_homogeneous(M: np.ndarray, pts: torch.Tensor) -> torch.Tensor:
@@ -87,19 +106,137 @@ class WorldMapTransform:
         map of another resolution).  Label maps use the ``label`` mode (never
         invents labels, keeps the dtype) unless ``mode`` says otherwise.
         ``inverse=True`` warps a fixed-space volume into the moving space.
+        The output is computed in slabs of ``onto`` (:func:`slab_ranges`); linear
+        interpolation returns float32.
         """
         if onto is None:
             onto = self.moving_original if inverse else self.fixed_original
         mode = mode or ("label" if volume.is_label else "linear")
-        u = self.unit_map(onto, volume.grid, inverse=inverse, affine_only=affine_only)
-        arr = torch.from_numpy(np.ascontiguousarray(volume.array))[None, None]
+        src = torch.from_numpy(np.ascontiguousarray(volume.array))[None, None]
         if mode == "linear":
-            out = warp(arr.double(), u, mode="linear").float()
-        else:
-            out = warp(arr, u, mode=mode)  # type: ignore[arg-type]
-        return Volume(out[0, 0].numpy(), onto, volume.path, volume.is_label)
+            src = src.float()
+        out = np.empty(onto.shape, dtype=np.float32 if mode == "linear" else volume.array.dtype)
+        for z0, z1 in slab_ranges(onto):
+            u = self.unit_map(onto.slab(z0, z1), volume.grid, inverse=inverse, affine_only=affine_only)
+            if mode == "linear":
+                part = warp(src, u.float(), mode="linear")
+            else:
+                part = warp(src, u, mode=mode)  # type: ignore[arg-type]
+            out[z0:z1] = part[0, 0].numpy()
+        return Volume(out, onto, volume.path, volume.is_label)
 
     def jacobian_determinant(self, grid: Grid | None = None) -> np.ndarray:
-        """Physical ``det J`` of the forward transform on ``grid`` (default: fixed's own grid)."""
+        """Physical ``det J`` of the forward transform on ``grid`` (default: fixed's own grid).
+
+        Computed in slabs with a one-slice halo, so the values equal the whole-grid
+        central differences exactly.
+
+        Returns:
+            ``grid.shape`` float32 array.
+        """
         grid = grid or self.fixed_original
-        return world_jacobian_determinant(self.world_map(grid), grid)
+        D = grid.shape[0]
+        out = np.empty(grid.shape, dtype=np.float32)
+        for z0, z1 in slab_ranges(grid):
+            a, b = max(z0 - 1, 0), min(z1 + 1, D)
+            det = world_jacobian_determinant(self.world_map(grid.slab(a, b)), grid.slab(a, b))
+            out[z0:z1] = det[z0 - a:z0 - a + (z1 - z0)]
+        return out
+
+
+@dataclass
+class RegistrationResult(WorldMapTransform):
+    """A registration between a fixed and a moving image, and how to use it.
+
+    Attributes:
+        fixed_grid, moving_grid: working grids of the two images.
+        fixed_original, moving_original: the images' own grids.
+        A, b: ``(1, 3, 3)``, ``(1, 3)`` final affine (fixed → moving working unit coordinates).
+        phi: ``(1, 3, *fixed_grid.shape)`` forward map → moving working unit coordinates.
+        phi_inv: ``(1, 3, *moving_grid.shape)`` inverse map → fixed working unit coordinates.
+        phi_affine: ``(1, 3, *fixed_grid.shape)`` the affine stage alone.
+        method: method name; ``timings``: seconds per stage; ``info``: extra records.
+        steps: the vSVF steps after the affine, in order (velocities and integrators):
+            ``phi`` and ``phi_inv`` are exactly :func:`avsm.models.vsvf.replay` of them, which is
+            what the compact transform file stores (:mod:`avsm.export.compact`).
+    """
+
+    fixed_grid: Grid
+    moving_grid: Grid
+    fixed_original: Grid
+    moving_original: Grid
+    A: torch.Tensor
+    b: torch.Tensor
+    phi: torch.Tensor
+    phi_inv: torch.Tensor
+    phi_affine: torch.Tensor
+    method: str
+    timings: dict[str, float] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+    steps: list[VelocityStep] = field(default_factory=list)
+
+    @classmethod
+    def from_steps(cls, *, fixed_grid: Grid, moving_grid: Grid, fixed_original: Grid, moving_original: Grid,
+                   A: torch.Tensor, b: torch.Tensor, steps: Sequence[VelocityStep], method: str,
+                   timings: dict[str, float] | None = None, info: dict[str, Any] | None = None,
+                   ) -> RegistrationResult:
+        """The result defined by an affine ``(A, b)`` and vSVF ``steps``: its maps are regenerated here.
+
+        Args:
+            A, b: ``(1, 3, 3)``, ``(1, 3)`` affine (fixed → moving working unit coordinates).
+            steps: recorded vSVF steps (velocities on low-resolution grids of ``fixed_grid``).
+        """
+        A = A.detach().cpu().float()
+        b = b.detach().cpu().float()
+        Ai, bi = invert_affine(A, b)
+        phi_affine = affine_map(A, b, fixed_grid.shape)
+        steps = [VelocityStep(st.v.detach().cpu().float(), st.method, st.steps, st.squarings) for st in steps]
+        with torch.no_grad():
+            phi = replay(phi_affine, steps, fixed_grid.shape)
+            phi_inv = replay_inverse(affine_map(Ai, bi, moving_grid.shape), steps, fixed_grid.shape)
+        return cls(fixed_grid=fixed_grid, moving_grid=moving_grid, fixed_original=fixed_original,
+                   moving_original=moving_original, A=A, b=b, phi=phi, phi_inv=phi_inv, phi_affine=phi_affine,
+                   method=method, timings=dict(timings or {}), info=dict(info or {}), steps=list(steps))
+
+    def world_map(self, grid: Grid | None = None, *, inverse: bool = False,
+                  affine_only: bool = False) -> torch.Tensor:
+        """World (LPS mm) point that each voxel of ``grid`` maps to, ``(1, 3, *grid.shape)`` float64.
+
+        Forward: ``grid`` is in the fixed image's space (default: the fixed image's
+        own grid) and the values are points in the moving image.  ``inverse``
+        swaps the roles (default grid: the moving image's own grid).
+        """
+        src, dst = (self.moving_grid, self.fixed_grid) if inverse else (self.fixed_grid, self.moving_grid)
+        if grid is None:
+            grid = self.moving_original if inverse else self.fixed_original
+        phi = self._map(inverse, affine_only)
+        inner = grid_affine_map(src.world_to_unit() @ grid.unit_to_world(), grid.shape,
+                                device=phi.device)
+        unit = compose(phi, inner)
+        return apply_homogeneous(dst.unit_to_world(), unit)
+
+    def map_points(self, points: torch.Tensor, *, inverse: bool = False,
+                   affine_only: bool = False) -> torch.Tensor:
+        """The transform at arbitrary world points: ``(1, 3, ...)`` LPS mm → ``(1, 3, ...)`` mm, float64.
+
+        Forward maps fixed-space points to moving-space points, ``inverse`` the other way.
+        """
+        src, dst = (self.moving_grid, self.fixed_grid) if inverse else (self.fixed_grid, self.moving_grid)
+        phi = self._map(inverse, affine_only)
+        spatial = points.shape[2:]
+        inner = apply_homogeneous(src.world_to_unit(), points.double().reshape(1, 3, -1)).reshape(1, 3, -1, 1, 1)
+        unit = compose(phi, inner.to(phi.device))
+        return apply_homogeneous(dst.unit_to_world(), unit).reshape(1, 3, *spatial)
+
+    def _map(self, inverse: bool, affine_only: bool) -> torch.Tensor:
+        """The working-grid unit map of the requested direction, float64."""
+        if inverse:
+            if affine_only:
+                Ai, bi = invert_affine(self.A.double(), self.b.double())
+                return affine_map(Ai, bi, self.moving_grid.shape)
+            return self.phi_inv.double()
+        return (self.phi_affine if affine_only else self.phi).double()
+
+    def folds(self) -> int:
+        """Voxels with ``det J < 0`` on the fixed working grid (the registration's own grid)."""
+        return int((jacobian_determinant(self.phi.double()) < 0).sum())

@@ -70,10 +70,22 @@ def add_common_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--vsvf-steps", type=int, default=None, help="vSVF test-time steps")
     g.add_argument("--model", default=None, help="network weights file (default: the bundled model)")
     g = p.add_argument_group("outputs")
-    g.add_argument("--format", action="append", default=None, choices=("ants", "l2r"),
-                   help="transform formats to write (default ants; repeat for more)")
+    g.add_argument("--format", action="append", default=None, metavar="F[,F...]",
+                   help="transform formats to write, comma-separated or repeated, from ants "
+                        "(0GenericAffine.mat, 1Warp, 1InverseWarp), avsm (compact avsm.npz), composite "
+                        "(Composite, InverseComposite), tfm (affine as ITK text), l2r (Learn2Reg "
+                        "displacement); default ants,avsm")
     g.add_argument("--qc", action="store_true", help="also write a QC figure (qc.png)")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _formats(values: list[str] | None) -> tuple[str, ...]:
+    """``--format`` values (repeated and/or comma-separated) as one tuple; default ants, avsm."""
+    if not values:
+        from avsm.export.itk import DEFAULT_FORMATS
+
+        return DEFAULT_FORMATS
+    return tuple(f.strip().lower() for v in values for f in v.split(",") if f.strip())
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -143,7 +155,7 @@ def options_from_args(args: argparse.Namespace) -> dict:
     from avsm.pipeline import OutputSettings
 
     return dict(settings=settings_from_args(args),
-                outputs=OutputSettings(formats=tuple(args.format or ("ants",)), qc=bool(args.qc)),
+                outputs=OutputSettings(formats=_formats(args.format), qc=bool(args.qc)),
                 fixed_mask=args.fixed_mask, moving_mask=args.moving_mask,
                 fixed_series=args.fixed_series, moving_series=args.moving_series, progress=not args.quiet)
 

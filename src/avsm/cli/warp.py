@@ -11,9 +11,12 @@ applied first to a reference-space point), e.g.::
 
 A ``--transform`` item may be a transform file (``.mat``, ``.tfm``, ``.txt``,
 ``.h5``), a displacement-field image (LPS mm vectors), an ANTs spec
-``[file,1]`` (inverted linear transform) or an avsm/ANTs output prefix
+``[file,1]`` (inverted linear transform), an avsm/ANTs output prefix
 (``P`` with ``P0GenericAffine.mat`` ... next to it; ``--inverse`` picks the
-moving → fixed direction).  Resampling is done by SimpleITK.
+moving → fixed direction), or avsm's compact transform file ``P avsm.npz``
+(alone; ``--inverse`` or ``[file,1]`` for the inverse), whose maps are
+regenerated exactly from the stored velocities on the reference grid.
+Resampling is done by SimpleITK, or by avsm for the compact file.
 """
 
 from __future__ import annotations
@@ -25,10 +28,13 @@ from typing import Any
 
 import SimpleITK as sitk
 
+import numpy as np
+
 from avsm.errors import AvsmError
+from avsm.export.compact import is_compact, load_compact
 from avsm.export.itk import load_transform, parse_transform_spec, transform_paths_for_prefix
 from avsm.io.geometry import Grid
-from avsm.io.image import load_image
+from avsm.io.image import Volume, load_image, save_image
 from avsm.io.outputs import OutputTransaction
 
 log = logging.getLogger(__name__)
@@ -61,12 +67,12 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--interp", choices=tuple(INTERPOLATORS), default="linear",
                    help="linear (images), nearest, or label (label maps; never invents labels)")
     p.add_argument("--inverse", action="store_true",
-                   help="with an avsm prefix: use the inverse (moving -> fixed) transforms")
+                   help="with an avsm prefix or compact avsm.npz: use the inverse (moving -> fixed) transform")
     p.add_argument("--default", type=float, default=0.0, help="value outside the moving image")
     p.set_defaults(func=run)
 
 
-def _reference_grid(path: str) -> Grid:
+def reference_grid(path: str) -> Grid:
     """Geometry of the reference image (header only)."""
     if not os.path.isfile(path):
         raise AvsmError("file not found" if not os.path.exists(path) else "not a file", path)
@@ -146,8 +152,18 @@ def warp_file(moving: str, reference: str, transforms: list[str], out: str, *,
         raise AvsmError(f"unknown interpolation {interp!r}; choose one of {', '.join(INTERPOLATORS)}")
     as_label = interp == "label" or (interp == "nearest" and _is_integer_image(moving))
     vol = load_image(moving, label=as_label)
-    grid = _reference_grid(reference)
+    grid = reference_grid(reference)
     items = expand_transforms(list(transforms), inverse=inverse)
+    compact = [p for p, _ in items if is_compact(p)]
+    if compact:
+        if len(items) != 1:
+            raise AvsmError("an avsm transform file (.npz) must be the only --transform", compact[0])
+        path, inv = items[0]
+        warped_vol = _warp_compact(vol, grid, (path, inv or inverse), interp, default)
+        with OutputTransaction(inputs=[moving, reference, compact[0]]) as tx:
+            save_image(warped_vol, tx.path(out))
+        log.info("wrote %s", out)
+        return out
     tr = load_transform(items)
     src = vol.to_sitk()
     if not as_label:
@@ -170,6 +186,19 @@ def warp_file(moving: str, reference: str, transforms: list[str], out: str, *,
             raise AvsmError("cannot write image (unknown extension or unwritable)", out) from e
     log.info("wrote %s", out)
     return out
+
+
+def _warp_compact(vol: Volume, grid: Grid, item: tuple[str, bool], interp: str, default: float) -> Volume:
+    """Warp ``vol`` onto ``grid`` through an avsm compact transform (``item = (path, inverse)``)."""
+    path, inverse = item
+    result = load_compact(path)
+    if default != 0.0:
+        if interp != "linear":
+            raise AvsmError("--default other than 0 needs --interp linear with an avsm transform file", path)
+        shifted = Volume(vol.array.astype(np.float32) - np.float32(default), vol.grid, vol.path)
+        w = result.warp(shifted, onto=grid, inverse=inverse, mode="linear")
+        return Volume(w.array + np.float32(default), grid, vol.path)
+    return result.warp(vol, onto=grid, inverse=inverse, mode=interp)
 
 
 def run(args: argparse.Namespace) -> int:

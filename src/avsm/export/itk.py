@@ -23,13 +23,14 @@ Conventions (verified against ``antspyx`` 0.6.3 / ITK 5.4, see ``tests/test_expo
 Files written by :func:`write_transforms` for a prefix ``P``:
 
 ==========================  ==========================================================
-``P0GenericAffine.mat``     affine part, ITK ``AffineTransform_double_3_3`` (MATLAB format, as ANTs)
-``P0GenericAffine.tfm``     the same transform as ITK text
-``P1Warp.nii.gz``           ``d(x) = Affine^-1(total(x)) - x`` on the fixed image's own grid
-``P1InverseWarp.nii.gz``    ``e(z) = total^-1(Affine(z)) - z`` on the fixed image's own grid
-``PComposite.nii.gz``       ``total(x) - x`` on the fixed image's own grid
-``PInverseComposite.nii.gz`` ``total^-1(y) - y`` on the moving image's own grid
-``Pdisp_l2r.nii.gz``        (``"l2r"``) Learn2Reg voxel displacement, see :func:`l2r_displacement`
+``P0GenericAffine.mat``     (``ants``) affine part, ITK ``AffineTransform_double_3_3`` (MATLAB format)
+``P1Warp.nii.gz``           (``ants``) ``d(x) = Affine^-1(total(x)) - x`` on the fixed image's own grid
+``P1InverseWarp.nii.gz``    (``ants``) ``e(z) = total^-1(Affine(z)) - z`` on the fixed image's own grid
+``Pavsm.npz``               (``avsm``) affine + low-resolution velocities, :mod:`avsm.export.compact`
+``PComposite.nii.gz``       (``composite``) ``total(x) - x`` on the fixed image's own grid
+``PInverseComposite.nii.gz`` (``composite``) ``total^-1(y) - y`` on the moving image's own grid
+``P0GenericAffine.tfm``     (``tfm``) the affine as ITK text
+``Pdisp_l2r.nii.gz``        (``l2r``) Learn2Reg voxel displacement, see :func:`l2r_displacement`
 ==========================  ==========================================================
 """
 
@@ -50,13 +51,17 @@ from avsm.errors import AvsmError
 from avsm.io.geometry import Grid
 from avsm.io.outputs import OutputTransaction
 from avsm.transform import grid_world_points as _world_points
+from avsm.transform import slab_ranges
 
 if TYPE_CHECKING:
     from avsm.api import RegistrationResult
 
 __all__ = [
+    "DEFAULT_FORMATS",
     "FORMATS",
     "ROLES",
+    "field_slab",
+    "write_displacement_nifti",
     "world_affine",
     "affine_to_sitk",
     "grid_world_points",
@@ -73,7 +78,11 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 #: Output formats understood by :func:`write_transforms`.
-FORMATS: tuple[str, ...] = ("ants", "l2r")
+FORMATS: tuple[str, ...] = ("ants", "avsm", "composite", "tfm", "l2r")
+
+#: What ``avsm register`` writes unless told otherwise: what antsRegistration writes, and
+#: avsm's compact file.
+DEFAULT_FORMATS: tuple[str, ...] = ("ants", "avsm")
 
 #: role -> file-name suffix appended to the prefix.
 ROLES: dict[str, str] = {
@@ -84,6 +93,7 @@ ROLES: dict[str, str] = {
     "composite": "Composite.nii.gz",
     "inverse_composite": "InverseComposite.nii.gz",
     "l2r": "disp_l2r.nii.gz",
+    "compact": "avsm.npz",
 }
 
 _TRANSFORM_EXTS = (".mat", ".tfm", ".txt", ".h5", ".hdf5", ".hdf", ".xfm")
@@ -209,8 +219,48 @@ def _apply(M: np.ndarray, pts: np.ndarray) -> np.ndarray:
     return (M[:3, :3] @ flat + M[:3, 3:4]).reshape(pts.shape)
 
 
+#: role -> the grid its displacement field lives on
+_FIELD_GRID = {"warp": "fixed", "inverse_warp": "fixed", "composite": "fixed", "inverse_composite": "moving"}
+
+
+def field_slab(result: RegistrationResult, role: str, grid: Grid, M: np.ndarray | None = None) -> np.ndarray:
+    """One displacement field of the ANTs-style export on ``grid`` (any grid or slab of one).
+
+    Args:
+        result: the registration.
+        role: ``warp`` (``d(x) = Affine^-1(total(x)) - x``), ``inverse_warp``
+            (``e(z) = total^-1(Affine(z)) - z``), ``composite`` (``total(x) - x``) or
+            ``inverse_composite`` (``total^-1(y) - y``).
+        grid: where to evaluate it (the fixed image's grid, the moving image's for
+            ``inverse_composite``, or a :meth:`Grid.slab` of it).
+        M: the world affine (default :func:`world_affine`).
+
+    Returns:
+        ``(3, *grid.shape)`` float64 LPS mm displacement.
+    """
+    M = world_affine(result) if M is None else M
+    x = grid_world_points(grid)
+    if role == "composite":
+        return _as_points(result.world_map(grid)) - x
+    if role == "warp":
+        return _apply(np.linalg.inv(M), _as_points(result.world_map(grid))) - x
+    if role == "inverse_composite":
+        return _as_points(result.world_map(grid, inverse=True)) - x
+    if role != "inverse_warp":
+        raise ValueError(f"unknown field role {role!r}")
+    e = _as_points(result.world_map(_affine_image_grid(M, grid), inverse=True)) - x
+    # avsm's inverse is only defined on the moving image's box; where Affine(z) leaves
+    # it, invert the forward warp (defined everywhere) by fixed-point iteration.
+    u = _apply(result.moving_grid.world_to_unit(), _apply(M, x))
+    outside = ((u < -1e-6) | (u > 1 + 1e-6)).any(axis=0)
+    if outside.any():
+        e[:, outside] = _invert_warp_at(result, np.linalg.inv(M), x[:, outside], e[:, outside])
+    return e
+
+
 def export_fields(result: RegistrationResult) -> dict[str, np.ndarray]:
-    """All displacement fields of the ANTs-style export, in memory.
+    """All displacement fields of the ANTs-style export, in memory (small images; files are
+    written slab by slab by :func:`write_transforms`).
 
     Returns:
         ``{"affine": (4, 4) world matrix (fixed mm -> moving mm),
@@ -219,56 +269,40 @@ def export_fields(result: RegistrationResult) -> dict[str, np.ndarray]:
         the fields are float64 LPS mm displacements on the images' own grids
         (``result.fixed_original`` / ``result.moving_original``).
     """
-    fixed, moving = result.fixed_original, result.moving_original
     M = world_affine(result)
-    Minv = np.linalg.inv(M)
-    xf = grid_world_points(fixed)
-    total = _as_points(result.world_map(fixed))  # total(x), x on fixed grid
-    composite = total - xf
-    warp = _apply(Minv, total) - xf  # Affine(x + d(x)) = total(x)
-    inv_total_on_moving = _as_points(result.world_map(moving, inverse=True))
-    inverse_composite = inv_total_on_moving - grid_world_points(moving)
-    # e(z) = total^-1(Affine(z)) - z, z on the fixed grid
-    inv_at_affine = _as_points(result.world_map(_affine_image_grid(M, fixed), inverse=True))
-    inverse_warp = inv_at_affine - xf
-    # avsm's inverse is only defined on the moving image's box; where Affine(z) leaves
-    # it, invert the forward warp (defined on the whole fixed box) by fixed-point iteration.
-    u = _apply(result.moving_grid.world_to_unit(), _apply(M, xf))
-    outside = ((u < -1e-6) | (u > 1 + 1e-6)).any(axis=0)
-    if outside.any():
-        inverse_warp[:, outside] = _invert_displacement_at(warp, fixed, xf[:, outside],
-                                                           inverse_warp[:, outside])
-    return {"affine": M, "warp": warp, "inverse_warp": inverse_warp,
-            "composite": composite, "inverse_composite": inverse_composite}
+    out: dict[str, np.ndarray] = {"affine": M}
+    for role in ("warp", "inverse_warp", "composite", "inverse_composite"):
+        grid = result.fixed_original if _FIELD_GRID[role] == "fixed" else result.moving_original
+        out[role] = field_slab(result, role, grid, M)
+    return out
 
 
-def _invert_displacement_at(disp: np.ndarray, grid: Grid, z: np.ndarray, e0: np.ndarray,
-                            iterations: int = 50) -> np.ndarray:
-    """Solve ``x + disp(x) = z`` for ``x`` by fixed-point iteration; returns ``x - z``.
+def _invert_warp_at(result: RegistrationResult, Minv: np.ndarray, z: np.ndarray, e0: np.ndarray,
+                    iterations: int = 50, tol: float = 1e-6) -> np.ndarray:
+    """Solve ``x + d(x) = z`` for ``x`` by fixed-point iteration, ``d`` the forward warp; returns ``x - z``.
 
     Args:
-        disp: ``(3, D, H, W)`` displacement (mm) on ``grid`` (trilinear, border-clamped).
-        grid: its grid.
+        result: the registration (``d(x) = Minv(total(x)) - x`` inside the fixed box, its
+            border value outside).
+        Minv: inverse world affine.
         z: ``(3, N)`` world points (mm).
         e0: ``(3, N)`` initial guess of ``x - z``.
-        iterations: number of iterations (converges when ``|grad disp| < 1``).
+        iterations, tol: at most this many iterations; stop when no point moves more than ``tol`` mm.
 
     Returns:
         ``(3, N)`` float64 inverse displacement ``e(z)`` in mm.
     """
-    from scipy.ndimage import map_coordinates
-
-    W2I = np.linalg.inv(grid.index_to_world())
     e = np.array(e0, dtype=np.float64)
+    W2U, U2W = result.fixed_grid.world_to_unit(), result.fixed_grid.unit_to_world()
     for _ in range(iterations):
-        idx = _apply(W2I, z + e)  # (3 [x, y, z], N)
-        coords = idx[::-1]  # array order (z, y, x)
-        d = np.stack([map_coordinates(disp[c], coords, order=1, mode="nearest") for c in range(3)])
-        e_new = -d
-        if np.abs(e_new - e).max() < 1e-7:
-            e = e_new
-            break
+        # d is the warp field of the fixed box, extended by its border values (as ITK reads a field)
+        p = _apply(U2W, np.clip(_apply(W2U, z + e), 0.0, 1.0))
+        total = result.map_points(torch.from_numpy(p)[None])[0].numpy()
+        e_new = -(_apply(Minv, total) - p)
+        done = np.abs(e_new - e).max() < tol
         e = e_new
+        if done:
+            break
     return e
 
 
@@ -312,15 +346,55 @@ def _write_image(img: sitk.Image, tmp: str, final: str) -> None:
         raise AvsmError(f"cannot write transform image: {str(e).strip().splitlines()[-1][:160]}", final) from e
 
 
+def write_displacement_nifti(disp: np.ndarray, grid: Grid, path: str, final: str | None = None) -> None:
+    """Write a ``(3, D, H, W)`` float32 LPS mm displacement as the NIfTI vector image ITK/ANTs read.
+
+    The layout is ITK's (``intent_code`` 1007, dims ``(X, Y, Z, 1, 3)``, LPS vectors, q/s-form
+    from ``grid``); the array is written as it is, without a copy, gzip level 1.
+
+    Raises:
+        AvsmError: the file cannot be written (names ``final``, default ``path``).
+    """
+    import nibabel as nib
+
+    if disp.shape != (3, *grid.shape) or disp.dtype != np.float32 or not disp.flags.c_contiguous:
+        raise ValueError(f"expected a C-contiguous float32 (3, {grid.shape}) array, got {disp.dtype} {disp.shape}")
+    ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ grid.index_to_world()
+    data = disp.transpose(3, 2, 1, 0)[:, :, :, None, :]  # (X, Y, Z, 1, 3), Fortran order = disp's bytes
+    img = nib.Nifti1Image(data, ras)
+    img.set_qform(ras, code=1)
+    img.set_sform(ras, code=1)
+    hdr = img.header
+    hdr.set_intent("vector", (), "")
+    hdr.set_xyzt_units("mm")
+    try:
+        img.to_filename(path)
+    except OSError as e:
+        raise AvsmError(f"cannot write transform image ({e.strerror or e})", final or path) from e
+
+
+def _write_field(result: RegistrationResult, role: str, M: np.ndarray, tmp: str, final: str,
+                 dtype: str) -> None:
+    """Compute one field slab by slab into a single float32 array and write it."""
+    grid = result.fixed_original if _FIELD_GRID[role] == "fixed" else result.moving_original
+    disp = np.empty((3, *grid.shape), dtype=np.float32)
+    for z0, z1 in slab_ranges(grid):
+        disp[:, z0:z1] = field_slab(result, role, grid.slab(z0, z1), M)
+    if dtype == "float32":
+        write_displacement_nifti(disp, grid, tmp, final)
+    else:
+        _write_image(displacement_image(disp, grid, dtype), tmp, final)
+
+
 def write_transforms(
     result: RegistrationResult,
     prefix: str,
     tx: OutputTransaction,
     *,
-    formats: Sequence[str] = ("ants",),
+    formats: Sequence[str] = DEFAULT_FORMATS,
     dtype: str = "float32",
 ) -> dict[str, str]:
-    """Write ``result`` as ANTs/ITK transform files (and optionally Learn2Reg output).
+    """Write ``result`` as ANTs/ITK transform files, avsm's compact file and optionally Learn2Reg output.
 
     Files are staged through ``tx.path(final)`` and appear only when ``tx`` commits.
     ANTs order (verified): ``ants.apply_transforms(fixed, moving,
@@ -328,15 +402,20 @@ def write_transforms(
     ``result.warp(moving)``; ``transformlist=[P0GenericAffine.mat, P1InverseWarp.nii.gz]``
     with ``whichtoinvert=[True, False]`` equals ``result.warp(fixed, inverse=True)``;
     ``[PComposite.nii.gz]`` / ``[PInverseComposite.nii.gz]`` alone do the same.
+    Each field is computed in slabs (:func:`avsm.transform.slab_ranges`) into one
+    float32 array, written, and released before the next: at most one full-resolution
+    field is alive.
 
     Args:
         result: the registration.
         prefix: output prefix, e.g. ``"out/pair_"`` (file names as in the module docstring).
         tx: the output transaction of the run.
-        formats: any of ``"ants"`` (affine ``.mat``/``.tfm``, warp, inverse warp,
-            composite, inverse composite) and ``"l2r"`` (``Pdisp_l2r.nii.gz``:
-            4-D float32, nibabel shape ``(X, Y, Z, 3)`` on the fixed grid, moving voxel units).
-        dtype: ``"float32"`` (default, as ANTs) or ``"float64"`` for the ANTs fields.
+        formats: any of ``"ants"`` (``P0GenericAffine.mat``, ``P1Warp``, ``P1InverseWarp``, as
+            antsRegistration writes), ``"avsm"`` (``Pavsm.npz``, see :mod:`avsm.export.compact`),
+            ``"composite"`` (``PComposite``, ``PInverseComposite``), ``"tfm"``
+            (``P0GenericAffine.tfm``, ITK text) and ``"l2r"`` (``Pdisp_l2r.nii.gz``: 4-D
+            float32, nibabel shape ``(X, Y, Z, 3)`` on the fixed grid, moving voxel units).
+        dtype: ``"float32"`` (default, as ANTs) or ``"float64"`` for the displacement fields.
 
     Returns:
         ``{role: final path}`` with roles from :data:`ROLES`.
@@ -348,29 +427,38 @@ def write_transforms(
     bad = [f for f in formats if f not in FORMATS]
     if bad or not formats:
         raise AvsmError(f"unknown transform format(s) {bad or formats}; choose from {', '.join(FORMATS)}")
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {tuple(_DTYPES)}, got {dtype!r}")
     prefix = os.fspath(prefix)
     out: dict[str, str] = {}
 
     def final(role: str) -> str:
         return prefix + ROLES[role]
 
-    if "ants" in formats:
-        fields = export_fields(result)
-        fixed, moving = result.fixed_original, result.moving_original
-        centre = grid_world_points(fixed).reshape(3, -1).mean(axis=1)
-        aff = affine_to_sitk(fields["affine"], centre)
-        for role in ("affine", "affine_tfm"):
+    M = world_affine(result)
+    linear = [role for fmt, role in (("ants", "affine"), ("tfm", "affine_tfm")) if fmt in formats]
+    if linear:
+        centre = result.fixed_original.unit_to_world() @ np.array([0.5, 0.5, 0.5, 1.0])
+        aff = affine_to_sitk(M, centre[:3])
+        for role in linear:
             p = final(role)
             try:
                 sitk.WriteTransform(aff, tx.path(p))
             except RuntimeError as e:
                 raise AvsmError("cannot write transform file", p) from e
             out[role] = p
-        for role, grid in (("warp", fixed), ("inverse_warp", fixed),
-                           ("composite", fixed), ("inverse_composite", moving)):
-            p = final(role)
-            _write_image(displacement_image(fields[role], grid, dtype), tx.path(p), p)
-            out[role] = p
+    roles = (["warp", "inverse_warp"] if "ants" in formats else []) + \
+            (["composite", "inverse_composite"] if "composite" in formats else [])
+    for role in roles:
+        p = final(role)
+        _write_field(result, role, M, tx.path(p), p, dtype)
+        out[role] = p
+    if "avsm" in formats:
+        from avsm.export.compact import save_compact
+
+        p = final("compact")
+        save_compact(result, tx.path(p))
+        out["compact"] = p
     if "l2r" in formats:
         p = final("l2r")
         _write_image(_l2r_image(l2r_displacement(result), result.fixed_original), tx.path(p), p)
@@ -405,7 +493,8 @@ def transform_paths_for_prefix(prefix: str, *, inverse: bool = False) -> list[tu
         inverse: the moving -> fixed direction instead.
 
     Returns:
-        ``[(path, invert), ...]`` in ANTs order, or ``None`` when the files are not there.
+        ``[(path, invert), ...]`` in ANTs order (composite, else affine and warp, else the
+        compact ``avsm.npz`` with ``invert`` = ``inverse``), or ``None`` when no file is there.
     """
     comp = prefix + ROLES["inverse_composite" if inverse else "composite"]
     if os.path.isfile(comp):
@@ -416,6 +505,9 @@ def transform_paths_for_prefix(prefix: str, *, inverse: bool = False) -> list[tu
         if inverse:
             return [(aff, True)] + ([(warp, False)] if os.path.isfile(warp) else [])
         return ([(warp, False)] if os.path.isfile(warp) else []) + [(aff, False)]
+    compact = prefix + ROLES["compact"]
+    if os.path.isfile(compact):
+        return [(compact, inverse)]
     return None
 
 

@@ -201,6 +201,22 @@ class Grid:
             direction=self.direction,
         )
 
+    def slab(self, start: int, stop: int) -> Grid:
+        """The sub-grid of tensor-axis-0 slices ``start:stop`` (ITK z), same voxel centres.
+
+        ``Grid.slab(z0, z1)`` covers exactly the voxels ``[z0:z1, :, :]`` of this grid;
+        computing anything voxel-wise on slabs and stacking them equals computing it on
+        the whole grid (how outputs are written for large images).
+
+        Args:
+            start, stop: slice range, ``0 <= start < stop <= shape[0]``.
+        """
+        if not 0 <= start < stop <= self.shape[0]:
+            raise ValueError(f"slab {start}:{stop} outside 0:{self.shape[0]}")
+        origin = (self.index_to_world() @ np.array([0.0, 0.0, float(start), 1.0]))[:3]
+        return Grid(shape=(stop - start, self.shape[1], self.shape[2]), spacing=self.spacing,
+                    origin=tuple(origin), direction=self.direction)  # type: ignore[arg-type]
+
     def working_grid(
         self,
         spacing_mm: float | Sequence[float] | None = 2.0,

@@ -58,6 +58,99 @@ class VSVFStep:
     energy: torch.Tensor
 
 
+@dataclass(frozen=True)
+class VelocityStep:
+    """One vSVF step as recorded: enough to regenerate its map exactly.
+
+    Attributes:
+        v: ``(1, 3, d, h, w)`` low-resolution velocity (unit coordinates per unit time).
+        method: integrator (:data:`INTEGRATORS`); steps: ``rk4``/``euler`` time steps;
+        squarings: ``ss`` squarings.
+    """
+
+    v: torch.Tensor
+    method: str = "ss"
+    steps: int = 10
+    squarings: int = 7
+
+
+def _exp_low(u: torch.Tensor, *, method: str, steps: int, squarings: int,
+             identity: torch.Tensor | None = None) -> torch.Tensor:
+    """``exp(u)`` on ``u``'s own (low-resolution) grid, ``(B, 3, d, h, w)``."""
+    idm = identity if identity is not None else identity_map(u.shape[2:])
+    idm = idm.to(dtype=u.dtype, device=u.device)
+    if method == "ss":
+        return svf_exp(u, squarings=squarings, identity=idm)
+    return advect_map(idm.expand(u.shape[0], *idm.shape[1:]), -u, steps=steps,
+                      method=method)  # type: ignore[arg-type]
+
+
+def step_map(phi0: torch.Tensor, v: torch.Tensor, full_shape: Sequence[int], *, method: str = "ss",
+             steps: int = 10, squarings: int = 7, identity: torch.Tensor | None = None) -> torch.Tensor:
+    """``Φ0 ∘ exp(−v)`` on the full-resolution grid: the map after one vSVF step.
+
+    Args:
+        phi0: ``(B, 3, D, H, W)`` map before the step.
+        v: ``(B, 3, d, h, w)`` low-resolution velocity.
+        full_shape: ``(D, H, W)`` of the result.
+        method, steps, squarings: the integrator (see :class:`VSVF`).
+        identity: cached identity map of the low grid (optional).
+
+    Returns:
+        ``(B, 3, *full_shape)`` map.
+    """
+    low = tuple(v.shape[2:])
+    phi0_low = resample_map(phi0, low)
+    if method == "ss":
+        phi_low = compose(phi0_low, _exp_low(-v, method=method, steps=steps, squarings=squarings,
+                                             identity=identity))
+    else:
+        phi_low = advect_map(phi0_low, v, steps=steps, method=method)  # type: ignore[arg-type]
+    return resample_map(phi_low, full_shape)
+
+
+def exp_map(v: torch.Tensor, full_shape: Sequence[int], *, method: str = "ss", steps: int = 10,
+            squarings: int = 7, identity: torch.Tensor | None = None) -> torch.Tensor:
+    """Full-resolution ``exp(v)`` (time-1 flow of the low-resolution ``v``), ``(B, 3, *full_shape)``."""
+    return resample_map(_exp_low(v, method=method, steps=steps, squarings=squarings, identity=identity),
+                        full_shape)
+
+
+def replay(phi0: torch.Tensor, steps: Sequence[VelocityStep], full_shape: Sequence[int]) -> torch.Tensor:
+    """The forward map ``Φ0 ∘ exp(−v_1) ∘ … ∘ exp(−v_k)`` from recorded steps.
+
+    The same operations as the registration ran, so the map is reproduced exactly
+    (this is how a compact transform file is turned back into maps).
+
+    Args:
+        phi0: ``(1, 3, *full_shape)`` initial (affine) map.
+        steps: the recorded steps, in order.
+        full_shape: fixed working grid ``(D, H, W)``.
+    """
+    phi = phi0
+    for st in steps:
+        phi = step_map(phi, st.v.to(phi.dtype), full_shape, method=st.method, steps=st.steps,
+                       squarings=st.squarings)
+    return phi
+
+
+def replay_inverse(phi0_inverse: torch.Tensor, steps: Sequence[VelocityStep],
+                   full_shape: Sequence[int]) -> torch.Tensor:
+    """The inverse ``exp(v_k) ∘ … ∘ exp(v_1) ∘ Φ0⁻¹`` from recorded steps (see :meth:`VSVF.inverse`).
+
+    Args:
+        phi0_inverse: ``(1, 3, *moving_shape)`` inverse of the initial map (into fixed unit coordinates).
+        steps: the recorded steps, in the order they were applied.
+        full_shape: fixed working grid ``(D, H, W)`` the velocities' maps live on.
+    """
+    phi_inv = phi0_inverse
+    for st in steps:
+        e = exp_map(st.v.to(phi_inv.dtype), full_shape, method=st.method, steps=st.steps,
+                    squarings=st.squarings)
+        phi_inv = compose(e, phi_inv)
+    return phi_inv
+
+
 class VSVF(nn.Module):
     """The vSVF forward model on a fixed pair of grids.
 
@@ -112,24 +205,18 @@ class VSVF(nn.Module):
         if tuple(m.shape[2:]) != self.low_shape:
             raise ValueError(f"momentum grid {tuple(m.shape[2:])} != {self.low_shape}")
         v = self.velocity(m)
-        phi0_low = resample_map(phi0, self.low_shape)
-        if self.method == "ss":
-            phi_low = compose(phi0_low, self._exp_low(-v))
-        else:
-            phi_low = advect_map(phi0_low, v, steps=self.steps, method=self.method)  # type: ignore[arg-type]
-        return VSVFStep(phi=resample_map(phi_low, self.full_shape), v=v, energy=self.energy(m, v))
+        phi = step_map(phi0, v, self.full_shape, method=self.method, steps=self.steps,
+                       squarings=self.squarings, identity=self.low_identity)
+        return VSVFStep(phi=phi, v=v, energy=self.energy(m, v))
 
     def exp(self, v: torch.Tensor) -> torch.Tensor:
         """Full-resolution ``exp(v)`` = time-1 flow of ``v`` (= ``advect(id, −v)``), ``(B, 3, *full_shape)``."""
-        return resample_map(self._exp_low(v), self.full_shape)
+        return exp_map(v, self.full_shape, method=self.method, steps=self.steps, squarings=self.squarings,
+                       identity=self.low_identity)
 
-    def _exp_low(self, u: torch.Tensor) -> torch.Tensor:
-        """``exp(u)`` on the low-resolution grid, ``(B, 3, *low_shape)``, by this model's integrator."""
-        idm = self.low_identity.to(dtype=u.dtype, device=u.device)
-        if self.method == "ss":
-            return svf_exp(u, squarings=self.squarings, identity=idm)
-        return advect_map(idm.expand(u.shape[0], *idm.shape[1:]), -u, steps=self.steps,
-                          method=self.method)  # type: ignore[arg-type]
+    def record(self, v: torch.Tensor) -> VelocityStep:
+        """What regenerates this model's step with velocity ``v`` (see :func:`replay`)."""
+        return VelocityStep(v=v.detach(), method=self.method, steps=self.steps, squarings=self.squarings)
 
     def inverse(self, velocities: Sequence[torch.Tensor], phi0_inverse: torch.Tensor) -> torch.Tensor:
         """Inverse of ``Φ0 ∘ exp(−v_1) ∘ … ∘ exp(−v_k)``: ``exp(v_k) ∘ … ∘ exp(v_1) ∘ Φ0⁻¹``.
