@@ -653,7 +653,7 @@ def test_slabs_equal_the_whole_grid(compact_case: dict, monkeypatch: pytest.Monk
     monkeypatch.setattr(T, "SLAB_VOXELS", 2 * plane)  # slabs of 2 slices
     assert len(T.slab_ranges(fixed.grid)) == (fixed.grid.shape[0] + 1) // 2
     assert np.allclose(res.jacobian_determinant(), whole_det, rtol=1e-6, atol=1e-7)
-    assert np.allclose(res.warp(moving).array, whole_warp, atol=1e-6)
+    assert np.allclose(res.warp(moving).array, whole_warp, atol=1e-5)  # float32 sampling coordinates
     assert np.array_equal(res.warp(labels).array, whole_lab)
     parts = [field_slab(res, "inverse_warp", fixed.grid.slab(a, b)) for a, b in T.slab_ranges(fixed.grid)]
     # (the fixed-point inversion outside the moving box stops at 1e-6 mm per slab)

@@ -144,3 +144,42 @@ def test_auto_method_picks_net_opt_for_head_mr_and_opt_otherwise() -> None:
     g = brain.grid
     small = type(g)(g.shape, tuple(sp * 0.3 for sp in g.spacing), g.origin, g.direction)  # a 60 mm box
     assert choose_method(Volume(brain.array, small), brain, s)[0] == "opt"
+
+
+def test_own_optimisers_match_torch_optim() -> None:
+    """avsm.optim.optimizers compute the iterates of torch.optim.Adam (+ cosine schedule) and of
+    torch.optim.LBFGS(max_iter=1, no line search), on a non-quadratic problem, in float64."""
+    from avsm.optim.optimizers import LBFGS, Adam, cosine_lr
+
+    g = torch.Generator().manual_seed(3)
+    Q = torch.randn(6, 6, generator=g, dtype=torch.float64)
+    Q = Q @ Q.T + torch.eye(6, dtype=torch.float64)
+    c = torch.randn(6, generator=g, dtype=torch.float64)
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        return 0.5 * x @ Q @ x - c @ x + 0.1 * (x ** 4).sum()
+
+    x0 = torch.randn(6, generator=g, dtype=torch.float64)
+    for make_ours, make_torch, sched in (
+        (lambda p: LBFGS([p], lr=0.5, history_size=5),
+         lambda p: torch.optim.LBFGS([p], lr=0.5, max_iter=1, history_size=5, line_search_fn=None,
+                                     tolerance_grad=0.0, tolerance_change=0.0), False),
+        (lambda p: Adam([p], lr=0.05), lambda p: torch.optim.Adam([p], lr=0.05), True),
+    ):
+        a = torch.nn.Parameter(x0.clone())
+        b = torch.nn.Parameter(x0.clone())
+        ours, ref = make_ours(a), make_torch(b)
+        lr_sched = torch.optim.lr_scheduler.CosineAnnealingLR(ref, T_max=30, eta_min=0.0025) if sched else None
+        for it in range(30):
+            for p, opt in ((a, ours), (b, ref)):
+                def closure(p=p, opt=opt) -> torch.Tensor:
+                    opt.zero_grad()
+                    loss = f(p)
+                    loss.backward()
+                    return loss
+                opt.step(closure)
+            if lr_sched is not None:
+                lr_sched.step()
+                ours.lr = cosine_lr(0.05, it + 1, 30, 0.0025)
+            assert torch.allclose(a, b, rtol=1e-10, atol=1e-12), (type(ours).__name__, it)
+        assert f(a) < f(torch.nn.Parameter(x0)) - 0.1  # it did optimise

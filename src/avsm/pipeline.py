@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 import os
 import platform
 import resource
@@ -20,17 +21,27 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from avsm import __version__
 from avsm.api import register
 from avsm.errors import AvsmError
-from avsm.io.image import Volume, check_same_geometry, load_image, save_image
+from avsm.io.image import Volume, check_same_geometry, load_image
+from avsm.io.nifti import write_nifti
 from avsm.io.outputs import OutputTransaction
 from avsm.metrics.overlap import dice_per_label, mean_dice
 from avsm.io.masks import load_mask
 from avsm.metrics.overlap import shared_labels
 from avsm.settings import RegistrationSettings, preset
+from avsm.transform import (
+    RegistrationResult,
+    VolumeSampler,
+    apply_homogeneous,
+    grid_world_points,
+    slab_ranges,
+    world_jacobian_determinant,
+)
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +123,64 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+@dataclass
+class ForwardOutputs:
+    """Everything computed from the forward map on the fixed image's own grid, in one pass.
+
+    Attributes:
+        warped: ``fixed.shape`` float32 warped moving image.
+        labels, labels_affine: warped moving labels (full transform / affine alone), or ``None``.
+        warp_field: ``(3, *fixed.shape)`` float32 ANTs ``1Warp`` displacement (mm), or ``None``.
+        folds, det_min, det_max: voxels with ``det J < 0`` and the range of ``det J``.
+    """
+
+    warped: np.ndarray
+    labels: np.ndarray | None
+    labels_affine: np.ndarray | None
+    warp_field: np.ndarray | None
+    folds: int
+    det_min: float
+    det_max: float
+
+
+def forward_outputs(result: RegistrationResult, moving: Volume, moving_labels: Volume | None = None, *,
+                    labels_affine: bool = False, warp_field: bool = False) -> ForwardOutputs:
+    """Warped image, labels, det J statistics and the ANTs warp field from one slab-wise pass.
+
+    The forward world map is evaluated once per slab (with a one-slice halo for the
+    central differences of det J) and everything is derived from it, so a large
+    fixed grid costs one map evaluation and the memory of the outputs themselves.
+    """
+    from avsm.export.itk import field_slab, world_affine
+
+    grid = result.fixed_original
+    D = grid.shape[0]
+    img = VolumeSampler(moving)
+    lab = VolumeSampler(moving_labels) if moving_labels is not None else None
+    M = world_affine(result)
+    warped = img.empty(grid.shape)
+    labels = lab.empty(grid.shape) if lab is not None else None
+    labels_aff = lab.empty(grid.shape) if lab is not None and labels_affine else None
+    field = np.empty((3, *grid.shape), dtype=np.float32) if warp_field else None
+    folds, det_min, det_max = 0, math.inf, -math.inf
+    for z0, z1 in slab_ranges(grid):
+        a, b = max(z0 - 1, 0), min(z1 + 1, D)
+        halo = grid.slab(a, b)
+        wm = result.world_map(halo, dtype=torch.float32)
+        det = world_jacobian_determinant(wm, halo)[z0 - a:z1 - a]
+        folds += int((det < 0).sum())
+        det_min, det_max = min(det_min, float(det.min())), max(det_max, float(det.max()))
+        core = wm[:, :, z0 - a:z1 - a]
+        warped[z0:z1] = img(core)
+        if lab is not None and labels is not None:
+            labels[z0:z1] = lab(core)
+            if labels_aff is not None:
+                labels_aff[z0:z1] = lab(apply_homogeneous(M, grid_world_points(grid.slab(z0, z1))))
+        if field is not None:
+            field[:, z0:z1] = field_slab(result, "warp", grid.slab(z0, z1), M, world=core)
+    return ForwardOutputs(warped, labels, labels_aff, field, folds, det_min, det_max)
+
+
 def register_pair(
     fixed: str,
     moving: str,
@@ -190,13 +259,11 @@ def register_pair(
         t_reg = time.perf_counter() - t0
         rss_reg = _peak_rss_mb()
         t_out = time.perf_counter()
-        warped = result.warp(mv)
-        save_image(warped, tx_paths["warped"])
-        del warped
-        det = result.jacobian_determinant()
-        folds = int((det < 0).sum())
-        det_min, det_max = float(det.min()), float(det.max())
-        del det
+        fwd = forward_outputs(result, mv, ml, labels_affine=fl is not None and ml is not None,
+                              warp_field="ants" in formats)
+        write_nifti(fwd.warped, fv.grid, tx_paths["warped"], final=paths["warped"])
+        fwd.warped = None  # type: ignore[assignment]  # release each output once written
+        folds, det_min, det_max = fwd.folds, fwd.det_min, fwd.det_max
         summary: dict[str, Any] = {
             "avsm_version": __version__,
             "method": result.method,
@@ -221,13 +288,12 @@ def register_pair(
             "settings": _json_ready(s.to_dict()),
         }
         if ml is not None:
-            wl = result.warp(ml)
-            save_image(wl, tx_paths["warped_labels"])
-            if fl is not None and shared_labels(fl.array, ml.array, mapping):
+            assert fwd.labels is not None
+            write_nifti(fwd.labels, fv.grid, tx_paths["warped_labels"], final=paths["warped_labels"])
+            if fl is not None and fwd.labels_affine is not None and shared_labels(fl.array, ml.array, mapping):
                 scored = sorted(mapping) if mapping else shared_labels(fl.array, ml.array, None)
-                d = dice_per_label(wl.array, fl.array, mapping=mapping, labels=scored)
-                aff = result.warp(ml, affine_only=True)
-                da = dice_per_label(aff.array, fl.array, mapping=mapping, labels=scored)
+                d = dice_per_label(fwd.labels, fl.array, mapping=mapping, labels=scored)
+                da = dice_per_label(fwd.labels_affine, fl.array, mapping=mapping, labels=scored)
                 summary["dice"] = {str(k): (round(v, 4) if v == v else None) for k, v in d.items()}
                 summary["mean_dice"] = round(mean_dice(d), 4)
                 summary["mean_dice_affine_only"] = round(mean_dice(da), 4)
@@ -237,7 +303,10 @@ def register_pair(
         except ImportError:  # export layer not installed in this build
             log.warning("transform export unavailable; only images and summary written")
         else:
-            transforms = write_transforms(result, paths["transform_prefix"], tx, formats=formats)
+            fields = {"warp": fwd.warp_field} if fwd.warp_field is not None else {}
+            fwd = None  # type: ignore[assignment]
+            transforms = write_transforms(result, paths["transform_prefix"], tx, formats=formats, fields=fields)
+        fwd = None  # type: ignore[assignment]
         summary["outputs"] = {"warped": paths["warped"], **({"warped_labels": paths["warped_labels"]}
                                                              if ml is not None else {}), **transforms}
         if qc:

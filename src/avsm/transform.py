@@ -10,6 +10,7 @@ every method is measured by the same code.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,7 +20,7 @@ import torch
 
 from avsm.core.coords import affine_map, homogeneous_to_centred, invert_affine
 from avsm.core.jacobian import jacobian_determinant
-from avsm.core.sampling import compose, warp
+from avsm.core.sampling import compose_displacement, map_displacement, warp
 from avsm.io.geometry import Grid
 from avsm.io.image import Volume
 from avsm.models.vsvf import VelocityStep, replay, replay_inverse
@@ -56,9 +57,9 @@ def grid_affine_map(M: np.ndarray, shape: Sequence[int], *, dtype: torch.dtype =
     return affine_map(A, b, shape)
 
 
-def grid_world_points(grid: Grid) -> torch.Tensor:
-    """World position (LPS mm) of every voxel of ``grid``: ``(1, 3, *grid.shape)`` float64."""
-    return apply_homogeneous(grid.unit_to_world(), grid_affine_map(np.eye(4), grid.shape))
+def grid_world_points(grid: Grid, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """World position (LPS mm) of every voxel of ``grid``: ``(1, 3, *grid.shape)`` (float64 or ``dtype``)."""
+    return grid_affine_map(grid.unit_to_world(), grid.shape, dtype=dtype)
 
 
 def world_jacobian_determinant(world_map: torch.Tensor, grid: Grid) -> np.ndarray:
@@ -69,12 +70,85 @@ def world_jacobian_determinant(world_map: torch.Tensor, grid: Grid) -> np.ndarra
         grid: the grid the map is sampled on.
 
     Returns:
-        ``grid.shape`` float64 array ``det(d target_world / d source_world)``; ``< 0`` is a fold.
+        ``grid.shape`` array (the map's float dtype) ``det(d target_world / d source_world)``;
+        ``< 0`` is a fold.
     """
     if tuple(world_map.shape[2:]) != tuple(grid.shape) or tuple(world_map.shape[:2]) != (1, 3):
         raise ValueError(f"world map shape {tuple(world_map.shape)} does not match grid {grid.shape}")
-    det_u = jacobian_determinant(world_map.double())[0].cpu().numpy()
+    wm = world_map if world_map.dtype in (torch.float32, torch.float64) else world_map.double()
+    det_u = jacobian_determinant(wm)[0].cpu().numpy()
     return det_u / float(np.linalg.det(grid.unit_to_world()[:3, :3]))
+
+
+def _label_values(array: np.ndarray) -> list[int]:
+    """Distinct values of an integer label array (by counting when the range is small: fast)."""
+    lo, hi = int(array.min()), int(array.max())
+    if np.issubdtype(array.dtype, np.integer) and hi - lo < 1 << 20:
+        counts = np.bincount((array.reshape(-1) - lo).astype(np.intp, copy=False) if lo else
+                             array.reshape(-1).astype(np.intp, copy=False), minlength=hi - lo + 1)
+        return [int(v) + lo for v in np.flatnonzero(counts)]
+    return [int(v) for v in np.unique(array)]
+
+
+class VolumeSampler:
+    """Samples one volume at world points, piece by piece (label values found once).
+
+    Args:
+        volume: any volume (its own grid).
+        mode: ``linear`` (float32 output), ``nearest`` or ``label`` (dtype kept);
+            default ``label`` for label maps, else ``linear``.
+    """
+
+    def __init__(self, volume: Volume, mode: str | None = None) -> None:
+        self.volume = volume
+        self.mode = mode or ("label" if volume.is_label else "linear")
+        self.src = torch.from_numpy(np.ascontiguousarray(volume.array))[None, None]
+        if self.mode == "linear":
+            self.src = self.src.float()
+        self.values = _label_values(volume.array) if self.mode == "label" else None
+        self.w2u = volume.grid.world_to_unit()
+
+    def empty(self, shape: Sequence[int]) -> np.ndarray:
+        """An uninitialised output array of ``shape`` with the output dtype."""
+        return np.empty(tuple(shape), dtype=np.float32 if self.mode == "linear" else self.volume.array.dtype)
+
+    def __call__(self, world: torch.Tensor) -> np.ndarray:
+        """Values at world points ``(1, 3, *s)`` (LPS mm) → array of shape ``s`` (0 outside).
+
+        Only the part of the volume that the points reach (plus one voxel) is read, so
+        sampling a large volume piece by piece costs the pieces, not the volume.
+        """
+        u = apply_homogeneous(self.w2u, world)
+        src, u = self._crop(u)
+        if self.mode == "linear":
+            out = warp(src, u.float(), mode="linear")
+        else:
+            out = warp(src, u, mode=self.mode, label_values=self.values)  # type: ignore[arg-type]
+        return out[0, 0].numpy()
+
+    def _crop(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The source cropped to the index box of the points ``u`` (unit coordinates), and ``u`` in the crop."""
+        sizes = self.src.shape[2:]
+        lo, hi, scale, shift = [], [], [], []
+        for c, n in enumerate(sizes):
+            if n < 2:
+                lo.append(0), hi.append(n - 1), scale.append(1.0), shift.append(0.0)
+                continue
+            idx = u[:, c] * (n - 1)
+            a = int(math.floor(float(idx.amin()))) - 1
+            b = int(math.ceil(float(idx.amax()))) + 1
+            a, b = max(0, min(a, n - 2)), min(n - 1, max(b, 1))
+            if b - a < 1:
+                a, b = max(0, b - 1), max(1, b)
+            lo.append(a), hi.append(b)
+            scale.append((n - 1) / (b - a))
+            shift.append(a / (b - a))
+        if all(a == 0 and b == n - 1 for a, b, n in zip(lo, hi, sizes)):
+            return self.src, u
+        src = self.src[:, :, lo[0]:hi[0] + 1, lo[1]:hi[1] + 1, lo[2]:hi[2] + 1]
+        sc = torch.tensor(scale, dtype=u.dtype).view(1, 3, *([1] * (u.dim() - 2)))
+        sh = torch.tensor(shift, dtype=u.dtype).view(1, 3, *([1] * (u.dim() - 2)))
+        return src, u * sc - sh
 
 
 class WorldMapTransform:
@@ -111,18 +185,10 @@ class WorldMapTransform:
         """
         if onto is None:
             onto = self.moving_original if inverse else self.fixed_original
-        mode = mode or ("label" if volume.is_label else "linear")
-        src = torch.from_numpy(np.ascontiguousarray(volume.array))[None, None]
-        if mode == "linear":
-            src = src.float()
-        out = np.empty(onto.shape, dtype=np.float32 if mode == "linear" else volume.array.dtype)
+        sampler = VolumeSampler(volume, mode)
+        out = sampler.empty(onto.shape)
         for z0, z1 in slab_ranges(onto):
-            u = self.unit_map(onto.slab(z0, z1), volume.grid, inverse=inverse, affine_only=affine_only)
-            if mode == "linear":
-                part = warp(src, u.float(), mode="linear")
-            else:
-                part = warp(src, u, mode=mode)  # type: ignore[arg-type]
-            out[z0:z1] = part[0, 0].numpy()
+            out[z0:z1] = sampler(self.world_map(onto.slab(z0, z1), inverse=inverse, affine_only=affine_only))
         return Volume(out, onto, volume.path, volume.is_label)
 
     def jacobian_determinant(self, grid: Grid | None = None) -> np.ndarray:
@@ -199,8 +265,9 @@ class RegistrationResult(WorldMapTransform):
                    method=method, timings=dict(timings or {}), info=dict(info or {}), steps=list(steps))
 
     def world_map(self, grid: Grid | None = None, *, inverse: bool = False,
-                  affine_only: bool = False) -> torch.Tensor:
-        """World (LPS mm) point that each voxel of ``grid`` maps to, ``(1, 3, *grid.shape)`` float64.
+                  affine_only: bool = False, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """World (LPS mm) point that each voxel of ``grid`` maps to, ``(1, 3, *grid.shape)`` (float64,
+        or ``dtype``: float32 halves the cost of large outputs at about 3e-5 mm resolution).
 
         Forward: ``grid`` is in the fixed image's space (default: the fixed image's
         own grid) and the values are points in the moving image.  ``inverse``
@@ -209,10 +276,9 @@ class RegistrationResult(WorldMapTransform):
         src, dst = (self.moving_grid, self.fixed_grid) if inverse else (self.fixed_grid, self.moving_grid)
         if grid is None:
             grid = self.moving_original if inverse else self.fixed_original
-        phi = self._map(inverse, affine_only)
-        inner = grid_affine_map(src.world_to_unit() @ grid.unit_to_world(), grid.shape,
-                                device=phi.device)
-        unit = compose(phi, inner)
+        inner = grid_affine_map(src.world_to_unit() @ grid.unit_to_world(), grid.shape, dtype=dtype,
+                                device=self.phi.device)
+        unit = self._compose(inverse, affine_only, inner)
         return apply_homogeneous(dst.unit_to_world(), unit)
 
     def map_points(self, points: torch.Tensor, *, inverse: bool = False,
@@ -222,11 +288,21 @@ class RegistrationResult(WorldMapTransform):
         Forward maps fixed-space points to moving-space points, ``inverse`` the other way.
         """
         src, dst = (self.moving_grid, self.fixed_grid) if inverse else (self.fixed_grid, self.moving_grid)
-        phi = self._map(inverse, affine_only)
         spatial = points.shape[2:]
         inner = apply_homogeneous(src.world_to_unit(), points.double().reshape(1, 3, -1)).reshape(1, 3, -1, 1, 1)
-        unit = compose(phi, inner.to(phi.device))
+        unit = self._compose(inverse, affine_only, inner.to(self.phi.device))
         return apply_homogeneous(dst.unit_to_world(), unit).reshape(1, 3, *spatial)
+
+    def _compose(self, inverse: bool, affine_only: bool, inner: torch.Tensor) -> torch.Tensor:
+        """``phi ∘ inner`` for the requested map (its displacement cached per dtype: see
+        :func:`avsm.core.sampling.compose`)."""
+        key = (inverse, affine_only, inner.dtype)
+        maps = (self.phi, self.phi_inv, self.phi_affine)
+        cache = self.__dict__.setdefault("_displacements", {})
+        hit = cache.get(key)
+        if hit is None or any(a is not b for a, b in zip(hit[0], maps)):  # maps replaced: recompute
+            hit = cache[key] = (maps, map_displacement(self._map(inverse, affine_only).to(inner.dtype)))
+        return compose_displacement(hit[1], inner)
 
     def _map(self, inverse: bool, affine_only: bool) -> torch.Tensor:
         """The working-grid unit map of the requested direction, float64."""

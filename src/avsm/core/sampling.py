@@ -29,6 +29,7 @@ def warp(
     *,
     mode: WarpMode = "linear",
     padding: Padding = "zeros",
+    label_values: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """Pull ``image`` back through ``phi``: ``out(x) = image(phi(x))``.
 
@@ -41,6 +42,8 @@ def warp(
             value, keeps the input dtype and gives smoother boundaries than
             ``nearest``.  Only for single-channel integer label maps.
         padding: value outside the image: ``zeros`` or the ``border`` voxel.
+        label_values: for ``label``, the label values present (default: found in ``image``;
+            give them when warping one label map in several pieces).
 
     Returns:
         ``(B, C, D, H, W)``; same dtype as ``image`` for ``nearest``/``label``.
@@ -66,14 +69,15 @@ def warp(
                             padding_mode=padding, align_corners=True)
         return out.round().to(image.dtype) if not image.is_floating_point() else out.to(image.dtype)
     if mode == "label":
-        return _warp_labels(image, grid, padding)
+        return _warp_labels(image, grid.float(), padding, label_values)
     raise ValueError(f"unknown warp mode {mode!r}")
 
 
-def _warp_labels(labels: torch.Tensor, grid: torch.Tensor, padding: Padding) -> torch.Tensor:
+def _warp_labels(labels: torch.Tensor, grid: torch.Tensor, padding: Padding,
+                 label_values: Sequence[int] | None = None) -> torch.Tensor:
     if labels.shape[1] != 1:
         raise ValueError("label warping needs a single-channel label map")
-    values = torch.unique(labels)
+    values = torch.unique(labels) if label_values is None else torch.as_tensor(sorted(label_values))
     best = None
     best_w = None
     for v in values.tolist():
@@ -129,7 +133,16 @@ def compose(outer: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:
     """
     _check_map(outer)
     _check_map(inner)
-    disp = outer - identity_map(outer.shape[2:], dtype=outer.dtype, device=outer.device)
+    return compose_displacement(map_displacement(outer), inner)
+
+
+def map_displacement(phi: torch.Tensor) -> torch.Tensor:
+    """``phi - id`` on ``phi``'s own grid: what :func:`compose` interpolates (cache it to compose often)."""
+    return phi - identity_map(phi.shape[2:], dtype=phi.dtype, device=phi.device)
+
+
+def compose_displacement(disp: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:
+    """``outer ∘ inner`` given ``disp = map_displacement(outer)`` (see :func:`compose`)."""
     return warp(disp, inner, mode="linear", padding="border") + inner
 
 

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from avsm.core.coords import affine_map
 from avsm.core.sampling import Pyramid, level, warp_masked
 from avsm.losses.similarity import similarity
+from avsm.optim.optimizers import Adam, cosine_lr
 from avsm.optim.stopping import RelativeChangeStop
 
 log = logging.getLogger(__name__)
@@ -128,8 +129,7 @@ def optimise_affine(
         mw = level(moving_weight, ms)
         if iters == 0:
             continue
-        opt = torch.optim.Adam(params, lr=cfg.lr)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(iters, 1), eta_min=cfg.lr * 0.05)
+        opt = Adam(params, lr=cfg.lr)
         stop = RelativeChangeStop(cfg.tol, cfg.window)
         for it in range(iters):
             opt.zero_grad(set_to_none=True)
@@ -137,7 +137,7 @@ def optimise_affine(
             loss = sim(wp, f) if wt is None else sim(wp, f, weight=wt)
             loss.backward()
             opt.step()
-            sched.step()
+            opt.lr = cosine_lr(cfg.lr, it + 1, iters, cfg.lr * 0.05)
             bar.update(1)
             value = loss.item()
             if not math.isfinite(value):

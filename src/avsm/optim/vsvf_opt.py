@@ -38,6 +38,7 @@ from avsm.losses.lncc import MKLNCC, Window
 from avsm.losses.similarity import similarity as similarity_loss
 from avsm.models.vsvf import INTEGRATORS, VSVF, low_res_shape
 from avsm.optim.affine_opt import scaled_shape
+from avsm.optim.optimizers import LBFGS, Adam
 from avsm.optim.stopping import RelativeChangeStop
 
 log = logging.getLogger(__name__)
@@ -139,12 +140,13 @@ def build_similarity(name: str, lncc_windows: Sequence[int] = ()) -> torch.nn.Mo
     return similarity_loss(name)
 
 
-def _make_optimizer(cfg: VSVFOptConfig, m: torch.nn.Parameter) -> torch.optim.Optimizer:
+def _make_optimizer(cfg: VSVFOptConfig, m: torch.nn.Parameter) -> Adam | LBFGS | torch.optim.Optimizer:
     if cfg.optimizer == "adam":
-        return torch.optim.Adam([m], lr=cfg.lr)
+        return Adam([m], lr=cfg.lr)
+    if cfg.optimizer == "lbfgs-nols":
+        return LBFGS([m], lr=cfg.lr, history_size=cfg.lbfgs_history)
     return torch.optim.LBFGS([m], lr=cfg.lr, max_iter=1, history_size=cfg.lbfgs_history,
-                             line_search_fn="strong_wolfe" if cfg.optimizer == "lbfgs" else None,
-                             tolerance_grad=0.0, tolerance_change=0.0)
+                             line_search_fn="strong_wolfe", tolerance_grad=0.0, tolerance_change=0.0)
 
 
 def optimise_vsvf(
