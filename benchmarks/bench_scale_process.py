@@ -10,8 +10,8 @@ use costs; its transforms are written by antspyx itself.
 
 Pairs:
 
-* ``128x128x128``, ``256x256x256``: the MNI 2009c brain resampled onto that many voxels
-  (same box) and a synthetic smooth warp of it (``bench_scale.make_pair``);
+* ``128``, ``256``: Colin27 → MNI 2009c (real skull-stripped brains, two subjects), each
+  resampled onto n³ voxels over its own box (so 256³ is finer than 1 mm);
 * ``ct512``: the two real chest CTs of ``../shared/data/ct`` (baseline → follow-up, one
   patient) resampled to 512×512×300 voxels (int16), with their lung masks for Dice.
 
@@ -81,6 +81,23 @@ def ct_pair(data_dir: str, work: str) -> tuple[str, str, str, str]:
     return fixed, moving, fixed_mask, moving_mask
 
 
+def brain_pair(data_dir: str, work: str, n: int) -> tuple[str, str]:
+    """Colin27 (moving) and MNI 2009c (fixed) brains, each resampled to ``n``³ voxels over its own box."""
+    out = []
+    for name in ("mni2009c_brain", "colin27_brain"):
+        path = os.path.join(work, f"{name}_{n}.nii.gz")
+        out.append(path)
+        if os.path.exists(path):
+            continue
+        img = sitk.ReadImage(os.path.join(data_dir, f"{name}.nii.gz"), sitk.sitkFloat32)
+        size = (n, n, n)
+        sp = tuple(s * (z - 1) / (n - 1) for s, z in zip(img.GetSpacing(), img.GetSize()))
+        r = sitk.Resample(img, size, sitk.Transform(), sitk.sitkLinear, img.GetOrigin(), sp, img.GetDirection(),
+                          0.0, sitk.sitkFloat32)
+        sitk.WriteImage(r, path)
+    return out[0], out[1]
+
+
 def timed(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, float, str]:
     """Run ``cmd`` under ``/usr/bin/time``; returns (wall s, peak RSS MB, stdout)."""
     with tempfile.NamedTemporaryFile("r", suffix=".time") as tf:
@@ -100,8 +117,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pairs", default="128,256,ct512")
     ap.add_argument("--methods", default="default,opt,ants-syn")
     args = ap.parse_args(argv)
-    from bench_scale import make_pair
-
     work = os.path.join(args.out, "scale_process")
     os.makedirs(work, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "2", "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS": "2"}
@@ -112,9 +127,7 @@ def main(argv: list[str] | None = None) -> int:
             fixed, moving, fl, ml = ct_pair(args.data_dir, work)
             labels = (fl, ml)
         else:
-            n = int(name)
-            p = make_pair(args.data_dir, os.path.join(work, "inputs"), (n, n, n), 0)
-            fixed, moving = p.fixed, p.moving
+            fixed, moving = brain_pair(args.data_dir, work, int(name))
         for method in args.methods.split(","):
             out = os.path.join(work, f"{name}_{method}")
             os.makedirs(out, exist_ok=True)
