@@ -27,6 +27,7 @@ import torch
 from avsm import __version__
 from avsm.api import register
 from avsm.errors import AvsmError
+from avsm.export.itk import field_slab, world_affine, write_transforms
 from avsm.io.image import Volume, check_same_geometry, load_image
 from avsm.io.nifti import write_nifti
 from avsm.io.outputs import OutputTransaction
@@ -151,8 +152,6 @@ def forward_outputs(result: RegistrationResult, moving: Volume, moving_labels: V
     central differences of det J) and everything is derived from it, so a large
     fixed grid costs one map evaluation and the memory of the outputs themselves.
     """
-    from avsm.export.itk import field_slab, world_affine
-
     grid = result.fixed_original
     D = grid.shape[0]
     img = VolumeSampler(moving)
@@ -297,16 +296,9 @@ def register_pair(
                 summary["dice"] = {str(k): (round(v, 4) if v == v else None) for k, v in d.items()}
                 summary["mean_dice"] = round(mean_dice(d), 4)
                 summary["mean_dice_affine_only"] = round(mean_dice(da), 4)
-        transforms: dict[str, str] = {}
-        try:
-            from avsm.export.itk import write_transforms
-        except ImportError:  # export layer not installed in this build
-            log.warning("transform export unavailable; only images and summary written")
-        else:
-            fields = {"warp": fwd.warp_field} if fwd.warp_field is not None else {}
-            fwd = None  # type: ignore[assignment]
-            transforms = write_transforms(result, paths["transform_prefix"], tx, formats=formats, fields=fields)
-        fwd = None  # type: ignore[assignment]
+        fields = {"warp": fwd.warp_field} if fwd.warp_field is not None else {}
+        fwd = None  # type: ignore[assignment]  # write_transforms consumes the field
+        transforms = write_transforms(result, paths["transform_prefix"], tx, formats=formats, fields=fields)
         summary["outputs"] = {"warped": paths["warped"], **({"warped_labels": paths["warped_labels"]}
                                                              if ml is not None else {}), **transforms}
         if qc:

@@ -260,9 +260,24 @@ class RegistrationResult(WorldMapTransform):
         with torch.no_grad():
             phi = replay(phi_affine, steps, fixed_grid.shape)
             phi_inv = replay_inverse(affine_map(Ai, bi, moving_grid.shape), steps, fixed_grid.shape)
-        return cls(fixed_grid=fixed_grid, moving_grid=moving_grid, fixed_original=fixed_original,
-                   moving_original=moving_original, A=A, b=b, phi=phi, phi_inv=phi_inv, phi_affine=phi_affine,
-                   method=method, timings=dict(timings or {}), info=dict(info or {}), steps=list(steps))
+        out = cls(fixed_grid=fixed_grid, moving_grid=moving_grid, fixed_original=fixed_original,
+                  moving_original=moving_original, A=A, b=b, phi=phi, phi_inv=phi_inv, phi_affine=phi_affine,
+                  method=method, timings=dict(timings or {}), info=dict(info or {}), steps=list(steps))
+        out.__dict__["_replayed"] = (phi, A, b)  # these maps are the steps' (see steps_error)
+        return out
+
+    def steps_error(self) -> float:
+        """Largest difference (unit coordinates) between ``phi`` and the replay of ``A, b, steps``.
+
+        0 without replaying when ``phi``, ``A`` and ``b`` are still the ones :meth:`from_steps` made.
+        """
+        made = self.__dict__.get("_replayed")
+        if made is not None and all(x is y for x, y in zip(made, (self.phi, self.A, self.b))):
+            return 0.0
+        check = RegistrationResult.from_steps(
+            fixed_grid=self.fixed_grid, moving_grid=self.moving_grid, fixed_original=self.fixed_original,
+            moving_original=self.moving_original, A=self.A, b=self.b, steps=self.steps, method=self.method)
+        return float((check.phi - self.phi.float()).abs().max())
 
     def world_map(self, grid: Grid | None = None, *, inverse: bool = False,
                   affine_only: bool = False, dtype: torch.dtype = torch.float64) -> torch.Tensor:
