@@ -3,7 +3,7 @@
 #
 # Usage (from the repository root):  scripts/train_pretrained.sh [RUN_DIR]
 #
-# This is the sequence that produced src/avsm/data/weights/avsm_brain.pt; the
+# This is the sequence that produced src/avsm/data/weights/avsm_brain_templates.pt; the
 # model card (src/avsm/data/weights/MODEL_CARD.md) explains each step.
 #   0. prepare the two real training brains (MNI 2009a, FSL MNI152) on one
 #      48x64x48 working grid (4.2 mm target spacing), exactly like inference does;
@@ -38,6 +38,6 @@ $TRAIN --out "$RUN/vsvf" --stage vsvf --init-from "$RUN/affine/best.pt" --epochs
 # 3. export and evaluate
 # test-time: 2 vSVF steps (chosen on the validation pairs: 0/1/2/3/4 steps 0.569/0.632/0.656/0.654/0.651)
 # and the affine guard (keep the affine step with the lowest mk-LNCC, see AVSMConfig.affine_guard)
-python -m avsm.cli.main -v train --export "$RUN/vsvf/best.pt" --to src/avsm/data/weights/avsm_brain.pt \
+python -m avsm.cli.main -v train --export "$RUN/vsvf/best.pt" --to src/avsm/data/weights/avsm_brain_templates.pt \
     --override '{"vsvf_steps_test": 2, "affine_guard": true}'
 python -m avsm.train.evaluate_pretrained --out "$RUN/evaluation.json"

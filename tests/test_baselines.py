@@ -171,3 +171,12 @@ def test_voxelmorph_displacement_conversion_matches_its_spatial_transformer(pair
                                                                       field=res.forward.field))
     ours = field_only.warp(m_aff, onto=tool.grid)
     _check_matches(ours.array, tool.array, resample(m_aff, tool.grid).array, _inside(tool))
+
+
+def test_tagged_method_name_is_the_same_method() -> None:
+    from avsm.baselines.base import get_method
+
+    assert get_method("net@old") is get_method("net")
+    assert get_method("opt@x") is get_method("opt")
+    with pytest.raises(KeyError):
+        get_method("nosuch@x")

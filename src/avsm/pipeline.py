@@ -29,11 +29,10 @@ from avsm.api import register
 from avsm.errors import AvsmError
 from avsm.export.itk import field_slab, world_affine, write_transforms
 from avsm.io.image import Volume, check_same_geometry, load_image
+from avsm.io.masks import load_mask
 from avsm.io.nifti import write_nifti
 from avsm.io.outputs import OutputTransaction
-from avsm.metrics.overlap import dice_per_label, mean_dice
-from avsm.io.masks import load_mask
-from avsm.metrics.overlap import shared_labels
+from avsm.metrics.overlap import dice_per_label, mean_dice, shared_labels
 from avsm.settings import RegistrationSettings, preset
 from avsm.transform import (
     RegistrationResult,
@@ -286,6 +285,8 @@ def register_pair(
             "torch": torch.__version__,
             "settings": _json_ready(s.to_dict()),
         }
+        if any(result.info.get("domain_warnings", {}).values()):
+            summary["domain_warnings"] = result.info["domain_warnings"]  # the input is unlike the network's data
         if ml is not None:
             assert fwd.labels is not None
             write_nifti(fwd.labels, fv.grid, tx_paths["warped_labels"], final=paths["warped_labels"])
@@ -293,7 +294,7 @@ def register_pair(
                 scored = sorted(mapping) if mapping else shared_labels(fl.array, ml.array, None)
                 d = dice_per_label(fwd.labels, fl.array, mapping=mapping, labels=scored)
                 da = dice_per_label(fwd.labels_affine, fl.array, mapping=mapping, labels=scored)
-                summary["dice"] = {str(k): (round(v, 4) if v == v else None) for k, v in d.items()}
+                summary["dice"] = {str(k): (round(v, 4) if not math.isnan(v) else None) for k, v in d.items()}
                 summary["mean_dice"] = round(mean_dice(d), 4)
                 summary["mean_dice_affine_only"] = round(mean_dice(da), 4)
         fields = {"warp": fwd.warp_field} if fwd.warp_field is not None else {}

@@ -43,6 +43,10 @@ MODALITIES = ("auto", "mr", "ct")
 SIMILARITIES = ("lncc", "ncc", "mse", "mi")
 
 
+#: where the network methods' affine comes from (:attr:`NetworkSettings.affine`)
+NETWORK_AFFINE = ("network", "opt")
+
+
 @dataclass
 class NetworkSettings:
     """The AVSM network: weights and test-time steps.
@@ -51,17 +55,24 @@ class NetworkSettings:
         model: weights file, or ``None`` for the bundled model.
         affine_steps: affine test-time steps (``None``: the model's, 7).
         vsvf_steps: vSVF test-time steps (``None``: the model's).
+        affine: where the affine comes from: ``network`` (the multi-step affine network
+            from the initialisation, the paper's AVSM) or ``opt`` (affine-opt from the
+            initialisation, :attr:`RegistrationSettings.affine`; the network then runs its
+            vSVF steps only).
     """
 
     model: str | None = None
     affine_steps: int | None = None
     vsvf_steps: int | None = None
+    affine: str = "network"
 
     def __post_init__(self) -> None:
         for name in ("affine_steps", "vsvf_steps"):
             v = getattr(self, name)
             if v is not None and int(v) < 0:
                 raise AvsmError(f"{name} must be >= 0, got {v}")
+        if self.affine not in NETWORK_AFFINE:
+            raise AvsmError(f"network affine must be one of {', '.join(NETWORK_AFFINE)}, got {self.affine!r}")
 
 
 #: the fast preset's kernel: the paper's five Gaussians at half the width (chosen on OASIS

@@ -215,7 +215,9 @@ def get_method(name: str) -> Method:
     """The callable of a method name.
 
     Names ``net-s<k>`` (``k`` = 1, 2, ...) select the network with ``k`` vSVF
-    test-time steps, and ``net-a<j>-s<k>`` also sets ``j`` affine steps.
+    test-time steps, and ``net-a<j>-s<k>`` also sets ``j`` affine steps.  A name
+    ``<method>@<tag>`` is ``<method>`` under another name (so that one run can compare,
+    e.g., two network weights files given by ``EvalConfig.method_opts["net@old"]``).
 
     Raises:
         KeyError: unknown name.
@@ -224,6 +226,8 @@ def get_method(name: str) -> Method:
     import functools
     import re
 
+    if "@" in name and name not in REGISTRY:
+        return get_method(name.split("@", 1)[0])
     m = re.fullmatch(r"net(?:-a(\d+))?-s(\d+)", name)
     if m and name not in REGISTRY:
         base = get_method("net")

@@ -9,8 +9,8 @@ import sys
 from avsm.errors import AvsmError
 from avsm.settings import RegistrationSettings
 
-METHOD_HELP = ("auto (default): net+opt for head-sized MR volumes (the bundled network's domain; the most "
-               "accurate method in less than ANTs SyN's time there), opt otherwise (CT, other anatomy), logged; "
+METHOD_HELP = ("auto (default): opt, the most accurate method within ANTs SyN's time on every input measured "
+               "(real cross-subject brains, CT; README), logged; "
                "opt: affine-opt + vSVF-opt, no training needed; affine: affine-opt only; net: the bundled "
                "AVSM network, one pass (brain T1 only); net+opt: the network, then vSVF-opt refinement")
 
@@ -69,6 +69,9 @@ def add_common_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--affine-steps", type=int, default=None, help="affine test-time steps (default 7)")
     g.add_argument("--vsvf-steps", type=int, default=None, help="vSVF test-time steps")
     g.add_argument("--model", default=None, help="network weights file (default: the bundled model)")
+    g.add_argument("--network-affine", choices=("network", "opt"), default=None,
+                   help="affine of net / net+opt: the affine network (the paper's AVSM) or affine-opt from the "
+                        "initialisation, then the network's vSVF steps")
     g = p.add_argument_group("outputs")
     g.add_argument("--format", action="append", default=None, metavar="F[,F...]",
                    help="transform formats to write, comma-separated or repeated, from ants "
@@ -116,7 +119,8 @@ def settings_from_args(args: argparse.Namespace) -> RegistrationSettings:
                      "modality": args.modality, "similarity": args.similarity,
                      "spacing": args.spacing, "device": args.device,
                      "network": NetworkSettings(model=args.model, affine_steps=args.affine_steps,
-                                                vsvf_steps=args.vsvf_steps)}
+                                                vsvf_steps=args.vsvf_steps,
+                                                **({"affine": args.network_affine} if args.network_affine else {}))}
     if args.affine_iterations:
         it = tuple(args.affine_iterations)
         key = "linear" if (method == "affine" or args.transform != "deformable") else "affine"

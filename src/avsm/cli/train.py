@@ -42,6 +42,18 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--model", default="{}", help="JSON of AVSMConfig fields for a fresh model")
     p.add_argument("--augmentation", default="{}", help="JSON of AugmentConfig fields")
+    p.add_argument("--sources", default="",
+                   help="mixture of the real cohort and synthesised pairs, e.g. 'ixi=0.6,synthseg=0.3,synth-ixi=0.1' "
+                        "(avsm.train.mixture; replaces --data, validation on held-out IXI pairs)")
+    p.add_argument("--shared", default="../shared/data", help="shared data folder (ixi185/, synthseg-label-maps/)")
+    p.add_argument("--spacing", type=float, default=4.2, help="working spacing (mm) of the cohort sources")
+    p.add_argument("--cache", default="runs/cache", help="folder for the prepared cohort")
+    p.add_argument("--subjects-limit", type=int, default=0, help="use the first N IXI training subjects (0: all)")
+    p.add_argument("--val-pairs", type=int, default=12, help="held-out IXI validation pairs")
+    p.add_argument("--pose", default="{}", help="JSON of PoseConfig fields (random pose before the initialisation)")
+    p.add_argument("--synth", default="{}", help="JSON of SynthConfig fields")
+    p.add_argument("--dice-weight", type=float, default=0.0, help="weight of the Dice term on warped labels")
+    p.add_argument("--dice-labels", type=int, default=16, help="labels per pair in the Dice term")
     p.add_argument("--export", metavar="CKPT", help="only export CKPT as a slim weights file (--to)")
     p.add_argument("--to", help="destination of --export")
     p.add_argument("--override", default="{}", help="--export: JSON of inference config fields to set")
@@ -63,13 +75,18 @@ def run(args: argparse.Namespace) -> int:
         dest = export_weights(args.export, args.to, overrides=overrides)
         log.info("wrote %s", dest)
         return 0
-    if not args.data:
-        raise AvsmError("--data is required")
+    sources = parse_sources(args.sources)
+    if not args.data and not sources:
+        raise AvsmError("--data or --sources is required")
     try:
         model_cfg = json.loads(args.model)
         aug_cfg = json.loads(args.augmentation)
+        pose_cfg = json.loads(args.pose)
+        synth_cfg = json.loads(args.synth)
     except json.JSONDecodeError as e:
-        raise AvsmError(f"--model/--augmentation must be JSON objects: {e}") from e
+        raise AvsmError(f"--model/--augmentation/--pose/--synth must be JSON objects: {e}") from e
+    if sources:
+        model_cfg.setdefault("working_spacing", args.spacing)
     cfg = TrainConfig(
         data=args.data, out=args.out, stage=args.stage, epochs=args.epochs,
         iters_per_epoch=args.iters_per_epoch, batch_size=args.batch_size, lr=args.lr,
@@ -77,7 +94,31 @@ def run(args: argparse.Namespace) -> int:
         symmetric=not args.no_symmetric, single_step_epochs=args.single_step_epochs,
         init_from=args.init_from, resume=args.resume, val_per_volume=args.val_per_volume,
         max_minutes=args.max_minutes, device=args.device, threads=args.threads,
-        model=model_cfg, augmentation=aug_cfg,
+        model=model_cfg, augmentation=aug_cfg, sources=sources, shared=args.shared, spacing=args.spacing,
+        cache=args.cache, subjects_limit=args.subjects_limit, val_pairs=args.val_pairs, pose=pose_cfg,
+        synth=synth_cfg, dice_weight=args.dice_weight, dice_labels=args.dice_labels,
     )
     train(cfg)
     return 0
+
+
+def parse_sources(text: str) -> dict[str, float]:
+    """``'ixi=0.6,synthseg=0.4'`` → ``{"ixi": 0.6, "synthseg": 0.4}`` (empty text: ``{}``).
+
+    Raises:
+        AvsmError: an item without ``=`` or a weight that is not a number.
+    """
+    from avsm.errors import AvsmError
+
+    out: dict[str, float] = {}
+    for item in (t.strip() for t in text.split(",")):
+        if not item:
+            continue
+        name, sep, w = item.partition("=")
+        try:
+            if not sep:
+                raise ValueError
+            out[name.strip()] = float(w)
+        except ValueError as e:
+            raise AvsmError(f"--sources: {item!r} is not NAME=WEIGHT") from e
+    return out

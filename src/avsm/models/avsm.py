@@ -38,8 +38,10 @@ from avsm.core.coords import affine_map, identity_affine, invert_affine
 from avsm.core.sampling import warp
 from avsm.core.smoothing import DEFAULT_SIGMAS
 from avsm.losses.consistency import map_inverse_consistency
+from avsm.losses.dice import warped_dice_loss
 from avsm.losses.lncc import MKLNCC
 from avsm.models.affine import MultiStepAffine, _autocast
+from avsm.models.domain import DomainReference
 from avsm.models.vsvf import VSVF
 from avsm.nets.affine_net import AffineNet
 from avsm.nets.momentum_unet import DIVISOR, MomentumUNet
@@ -171,6 +173,8 @@ class AVSM(nn.Module):
         affine: :class:`MultiStepAffine`.
         momentum: :class:`MomentumUNet` (input ``cat(warped, fixed)``, output half-res momentum).
         affine_frozen: stage 2 flag: the affine part runs in eval mode under ``no_grad``.
+        domain: what the training images looked like (:mod:`avsm.models.domain`), from a
+            weights file's ``meta["domain"]``; ``None`` when the file has none.
     """
 
     def __init__(self, config: AVSMConfig | None = None) -> None:
@@ -189,6 +193,7 @@ class AVSM(nn.Module):
         self._vsvf_cache: dict[tuple[int, int, int], VSVF] = {}
         self._sim = MKLNCC()
         self.last_affine_choice: list[int] = []  # set by the inference-time affine guard
+        self.domain: DomainReference | None = None  # not a parameter: not in the state dict
 
     # ------------------------------------------------------------------ helpers
 
@@ -328,6 +333,10 @@ class AVSM(nn.Module):
         affine_steps: int | None = None,
         vsvf_steps: int | None = None,
         symmetric: bool = True,
+        moving_labels: torch.Tensor | None = None,
+        fixed_labels: torch.Tensor | None = None,
+        dice_weight: float = 0.0,
+        dice_labels: int = 16,
     ) -> dict[str, torch.Tensor]:
         """The training loss of ``stage`` (``affine`` or ``vsvf``) on a batch.
 
@@ -340,18 +349,32 @@ class AVSM(nn.Module):
             epoch: (fractional) epoch for the decaying affine regulariser.
             affine_steps, vsvf_steps: step counts (default: train counts).
             symmetric: also register ``(fixed, moving)`` and add the consistency terms.
+            moving_labels, fixed_labels: ``(B, 1, D, H, W)`` integer label maps of one
+                protocol, for the optional Dice term (:func:`avsm.losses.dice.warped_dice_loss`;
+                both directions when ``symmetric`` in the vSVF stage, the forward one in the
+                affine stage).
+            dice_weight: weight of the Dice term (0: the paper's unsupervised loss only).
+            dice_labels: labels per pair in the Dice term (a random subset when more are shared).
 
         Returns:
-            Named scalars; ``total`` is the one to back-propagate.
+            Named scalars; ``total`` is the one to back-propagate (``dice`` is ``1 −`` mean
+            soft Dice, reported even when its weight is 0 and labels are given).
         """
         c = self.config
         B = fixed.shape[0]
         if A0 is None or b0 is None:
             A0, b0 = identity_affine(B, dtype=torch.float32, device=fixed.device)
+        labelled = moving_labels is not None and fixed_labels is not None
         if stage == "affine":
-            _, losses = self.affine.loss(moving, fixed, A0, b0, epoch=epoch, steps=affine_steps,
-                                         symmetric=symmetric, sym_weight=c.lambda_as, reg_C=c.lambda_ar_C,
-                                         reg_K=c.lambda_ar_K, reg_min=c.lambda_ar_min, similarity=self._sim)
+            aout, losses = self.affine.loss(moving, fixed, A0, b0, epoch=epoch, steps=affine_steps,
+                                            symmetric=symmetric, sym_weight=c.lambda_as, reg_C=c.lambda_ar_C,
+                                            reg_K=c.lambda_ar_K, reg_min=c.lambda_ar_min, similarity=self._sim)
+            if labelled:
+                phi = affine_map(aout.A, aout.b, tuple(int(s) for s in fixed.shape[2:]))
+                dice = warped_dice_loss(moving_labels, fixed_labels, phi, dice_labels)  # type: ignore[arg-type]
+                losses = {**losses, "dice": dice.detach()}
+                if dice_weight > 0:
+                    losses["total"] = losses["total"] + dice_weight * dice
             return losses
         if stage != "vsvf":
             raise ValueError(f"unknown stage {stage!r}")
@@ -375,20 +398,40 @@ class AVSM(nn.Module):
             for phi in out.maps:
                 sym = sym + map_inverse_consistency(phi[:B], phi[B:]).mean()
         total = sim + c.lambda_vr * reg + (c.lambda_vs * nvox * sym if symmetric else 0.0)
-        return {"total": total, "sim": sim.detach(), "reg": reg.detach(), "sym": sym.detach()}
+        terms = {"sim": sim.detach(), "reg": reg.detach(), "sym": sym.detach()}
+        if labelled:
+            dice = warped_dice_loss(moving_labels, fixed_labels, out.phi[:B], dice_labels)  # type: ignore[arg-type]
+            if symmetric:
+                dice = 0.5 * (dice + warped_dice_loss(fixed_labels, moving_labels,  # type: ignore[arg-type]
+                                                      out.phi[B:], dice_labels))
+            terms["dice"] = dice.detach()
+            if dice_weight > 0:
+                total = total + dice_weight * dice
+        return {"total": total, **terms}
 
     # ------------------------------------------------------------------ persistence
 
     def export_state(self) -> dict[str, Any]:
-        """``{"config": dict, "state_dict": ...}``: what :func:`avsm.models.pretrained.load_pretrained` reads."""
-        return {"format": "avsm-model/1", "config": self.config.to_dict(),
-                "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()}}
+        """``{"config": dict, "state_dict": ...}``: what :func:`avsm.models.pretrained.load_pretrained` reads.
+
+        With a :attr:`domain` reference, also ``{"meta": {"domain": dict}}``.
+        """
+        state: dict[str, Any] = {"format": "avsm-model/1", "config": self.config.to_dict(),
+                                 "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()}}
+        if self.domain is not None:
+            state["meta"] = {"domain": self.domain.to_dict()}
+        return state
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> AVSM:
-        """Rebuild a model from :meth:`export_state`'s dict (strict key check)."""
+        """Rebuild a model from :meth:`export_state`'s dict (strict key check).
+
+        ``state["meta"]["domain"]``, when present, becomes :attr:`domain`.
+        """
         cfg = dict(state["config"])
         cfg.setdefault("affine_moments", False)  # saved before the moment head existed
         model = cls(AVSMConfig.from_dict(cfg))
         model.load_state_dict(state["state_dict"], strict=True)
+        domain = (state.get("meta") or {}).get("domain")
+        model.domain = DomainReference.from_dict(domain) if domain else None
         return model

@@ -1,7 +1,9 @@
 """Pretrained AVSM models bundled with the package (never downloaded).
 
 ``load_pretrained()`` returns the bundled brain model
-(``avsm/data/weights/avsm_brain.pt``, see ``MODEL_CARD.md`` next to it);
+(``avsm/data/weights/avsm_brain.pt``, see ``MODEL_CARD.md`` next to it: T1 heads and brains,
+trained on the IXI cohort); ``load_pretrained("brain-templates")`` the previous one (two MNI
+templates, ``MODEL_CARD_templates.md``);
 ``load_pretrained("path/to/file.pt")`` reads any weights file or training
 checkpoint written by :mod:`avsm.train`.
 """
@@ -17,7 +19,7 @@ from avsm.errors import AvsmError
 from avsm.models.avsm import AVSM
 
 #: Bundled models: name -> file in ``avsm/data/weights``.
-BUNDLED: dict[str, str] = {"brain": "avsm_brain.pt"}
+BUNDLED: dict[str, str] = {"brain": "avsm_brain.pt", "brain-templates": "avsm_brain_templates.pt"}
 DEFAULT = "brain"
 
 

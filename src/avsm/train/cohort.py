@@ -21,7 +21,15 @@ from pathlib import Path
 
 from avsm.errors import AvsmError
 
-__all__ = ["Subject", "FORBIDDEN", "ixi_subjects", "is_held_out", "split_subjects", "check_training_sources"]
+__all__ = [
+    "FORBIDDEN",
+    "Subject",
+    "check_training_sources",
+    "is_held_out",
+    "ixi_subjects",
+    "split_held_out",
+    "split_subjects",
+]
 
 #: path parts that must never be a training source (validation-only data, the evaluation pair)
 FORBIDDEN: tuple[str, ...] = ("oasis-trt20", "colin27", "mni2009c")
@@ -71,6 +79,17 @@ def split_subjects(subjects: Sequence[Subject], fraction: float = 0.15) -> tuple
     """``(train, held_out)`` by :func:`is_held_out` (order kept within each part)."""
     held = [s for s in subjects if is_held_out(s.id, fraction)]
     return [s for s in subjects if not is_held_out(s.id, fraction)], held
+
+
+def split_held_out(held_out: Sequence[Subject]) -> tuple[list[Subject], list[Subject]]:
+    """``(validation, test)`` halves of the held-out subjects: by ID order, even positions validate.
+
+    Validation subjects choose checkpoints and the data mixture during training; test subjects
+    are only ever used by the benchmarks (``benchmarks/bench_cohort.py``), so nothing is tuned
+    on them.
+    """
+    ordered = sorted(held_out, key=lambda s: s.id)
+    return ordered[0::2], ordered[1::2]
 
 
 def check_training_sources(paths: Iterable[str | os.PathLike[str]]) -> None:

@@ -52,12 +52,18 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
+from avsm.core.sampling import warp
 from avsm.errors import AvsmError
 from avsm.metrics.overlap import dice_per_label
 from avsm.models.avsm import AVSM, AVSMConfig
-from avsm.core.sampling import warp
 from avsm.train.augment import AugmentConfig
-from avsm.train.data import PairDataset, VolumeRecord, load_prepared, validation_pairs
+from avsm.train.data import (
+    PairDataset,
+    PoseConfig,
+    VolumeRecord,
+    load_prepared,
+    validation_pairs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +94,18 @@ class TrainConfig:
         log_every: steps between metric lines.
         model: :class:`AVSMConfig` fields (a fresh model only).
         augmentation: :class:`AugmentConfig` fields.
+        sources: mixture weights of the cohort/synthesis sources (:mod:`avsm.train.mixture`:
+            ``ixi``, ``synthseg``, ``synth-ixi``); when given, ``data`` is not used and
+            validation is on held-out IXI pairs.
+        shared: the shared data folder (``ixi185/``, ``synthseg-label-maps/``).
+        spacing: working spacing (mm) of the cohort sources (the model's ``working_spacing``).
+        cache: folder for the prepared cohort (``.npz`` per subject).
+        subjects_limit: use only the first N IXI training subjects (0: all).
+        val_pairs: held-out IXI validation pairs (cohort sources).
+        pose: :class:`avsm.train.data.PoseConfig` fields.
+        synth: :class:`avsm.train.synth.SynthConfig` fields.
+        dice_weight: weight of the Dice term on the warped labels (0: unsupervised only).
+        dice_labels: labels per pair in the Dice term.
     """
 
     data: str = ""
@@ -111,6 +129,16 @@ class TrainConfig:
     log_every: int = 1
     model: dict[str, Any] = field(default_factory=dict)
     augmentation: dict[str, Any] = field(default_factory=dict)
+    sources: dict[str, float] = field(default_factory=dict)
+    shared: str = "../shared/data"
+    spacing: float = 4.2
+    cache: str = "runs/cache"
+    subjects_limit: int = 0
+    val_pairs: int = 12
+    pose: dict[str, Any] = field(default_factory=dict)
+    synth: dict[str, Any] = field(default_factory=dict)
+    dice_weight: float = 0.0
+    dice_labels: int = 16
 
 
 def versions() -> dict[str, str]:
@@ -152,7 +180,7 @@ def load_model_file(path: str | os.PathLike[str], map_location: str | torch.devi
         raise AvsmError("model file not found", p)
     try:
         state = torch.load(p, map_location=map_location, weights_only=False)
-    except Exception as e:  # noqa: BLE001 - any unpickling problem is a user-facing error
+    except Exception as e:
         raise AvsmError(f"cannot read model file: {e}", p) from e
     if "model" in state and isinstance(state["model"], dict) and "state_dict" in state["model"]:
         state = state["model"]
@@ -169,9 +197,13 @@ class _LossModule(nn.Module):
         self.model = model
 
     def forward(self, moving: torch.Tensor, fixed: torch.Tensor, stage: str, epoch: float,
-                affine_steps: int | None, symmetric: bool) -> dict[str, torch.Tensor]:
+                affine_steps: int | None, symmetric: bool, moving_labels: torch.Tensor | None = None,
+                fixed_labels: torch.Tensor | None = None, dice_weight: float = 0.0,
+                dice_labels: int = 16) -> dict[str, torch.Tensor]:
         return self.model.training_loss(moving, fixed, stage=stage, epoch=epoch,
-                                        affine_steps=affine_steps, symmetric=symmetric)
+                                        affine_steps=affine_steps, symmetric=symmetric,
+                                        moving_labels=moving_labels, fixed_labels=fixed_labels,
+                                        dice_weight=dice_weight, dice_labels=dice_labels)
 
 
 def _dist_info() -> tuple[int, int, int]:
@@ -212,7 +244,7 @@ class Trainer:
         self.out = Path(cfg.out)
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
-        self.volumes = volumes if volumes is not None else load_prepared(cfg.data)
+        self.volumes = volumes if volumes is not None or cfg.sources else load_prepared(cfg.data)
         torch.manual_seed(cfg.seed)
         self.start_epoch = 0
         self.global_step = 0
@@ -232,12 +264,30 @@ class Trainer:
                 loss_mod, device_ids=[dev.index] if dev.type == "cuda" else None)
         self.loss_module = loss_mod
         aug = AugmentConfig(**cfg.augmentation)
-        self.dataset = PairDataset(self.volumes, cfg.iters_per_epoch * cfg.batch_size * self.world,
-                                   augment=cfg.augment, augment_config=aug, seed=cfg.seed)
+        length = cfg.iters_per_epoch * cfg.batch_size * self.world
+        self.dataset: Any
+        if cfg.sources:
+            from avsm.train.mixture import (  # local: cohort runs only
+                build_mixture,
+                build_validation,
+            )
+            from avsm.train.synth import SynthConfig
+
+            pose = PoseConfig(**cfg.pose)
+            self.dataset = build_mixture(cfg.sources, cfg.shared, cfg.spacing, length, seed=cfg.seed,
+                                         cache=cfg.cache, augment=aug if cfg.augment else None, pose=pose,
+                                         synth=SynthConfig(**cfg.synth), subjects_limit=cfg.subjects_limit)
+        else:
+            self.dataset = PairDataset(self.volumes, length, augment=cfg.augment, augment_config=aug,
+                                       seed=cfg.seed)
         self.sampler = (DistributedSampler(self.dataset, num_replicas=self.world, rank=self.rank,
                                            shuffle=True, seed=cfg.seed) if self.distributed else None)
-        self.val = validation_pairs(self.volumes, cfg.val_per_volume, augment_config=aug) \
-            if cfg.val_per_volume > 0 else []
+        if cfg.sources:
+            self.val = build_validation(cfg.shared, cfg.spacing, cfg.val_pairs, cache=cfg.cache, pose=pose) \
+                if cfg.val_pairs > 0 else []
+        else:
+            self.val = validation_pairs(self.volumes, cfg.val_per_volume, augment_config=aug) \
+                if cfg.val_per_volume > 0 else []
 
     # ------------------------------------------------------------------ setup
 
@@ -292,7 +342,11 @@ class Trainer:
         self.model.train()
         m = batch["moving"].to(self.device)
         f = batch["fixed"].to(self.device)
-        losses = self.loss_module(m, f, self.cfg.stage, epoch + frac, self.affine_steps(epoch), self.cfg.symmetric)
+        ml, fl = batch.get("moving_labels"), batch.get("fixed_labels")
+        if ml is not None and fl is not None:
+            ml, fl = ml.to(self.device), fl.to(self.device)
+        losses = self.loss_module(m, f, self.cfg.stage, epoch + frac, self.affine_steps(epoch), self.cfg.symmetric,
+                                  ml, fl, self.cfg.dice_weight, self.cfg.dice_labels)
         self.optimizer.zero_grad(set_to_none=True)
         losses["total"].backward()
         self.optimizer.step()
