@@ -119,7 +119,7 @@ def test_training_loss_adds_the_weighted_dice_term(stage: str) -> None:
     torch.manual_seed(1)
     weighted = model.training_loss(m, f, stage=stage, moving_labels=lm, fixed_labels=lf, dice_weight=2.0)
     assert 0.0 < float(plain["dice"]) < 1.0
-    assert float(weighted["total"].detach()) == pytest.approx(float(plain["total"]) + 2.0 * float(plain["dice"]), rel=1e-4)
+    assert float(weighted["total"].detach()) == pytest.approx(float(plain["total"].detach()) + 2.0 * float(plain["dice"]), rel=1e-4)
     weighted["total"].backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(q).all() for q in grads)
