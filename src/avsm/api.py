@@ -37,7 +37,6 @@ from avsm.io.geometry import Grid, unit_affine_between
 from avsm.io.image import Volume, resample
 from avsm.io.working import (  # noqa: F401 - re-exported: avsm.api is where users look
     CT_WINDOW,
-    _axis_spacing_in,
     detect_modality,
     normalise_ct,
     to_working,

@@ -111,7 +111,29 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return int((seed * 1_000_003 + epoch) * 1_000_033 + index) % (2**63 - 1)
 
 
-class PairDataset(Dataset):
+class EpochDataset(Dataset):
+    """``length`` random items per epoch; item ``i`` of epoch ``e`` is a pure function of
+    :func:`sample_seed` ``(seed + salt, e, i)`` (:meth:`generator`), so a resumed run redraws
+    exactly what the uninterrupted run drew."""
+
+    def __init__(self, length: int, seed: int = 0) -> None:
+        self.length = int(length)
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch (changes every item's randomness)."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def generator(self, index: int, salt: int = 0) -> torch.Generator:
+        """The generator of item ``index`` in the current epoch."""
+        return torch.Generator().manual_seed(sample_seed(self.seed + salt, self.epoch, int(index)))
+
+
+class PairDataset(EpochDataset):
     """Random augmented pairs.
 
     Item ``i`` of epoch ``e`` uses pair ``pairs[i % len(pairs)]`` and a generator
@@ -140,24 +162,15 @@ class PairDataset(Dataset):
         augment_config: AugmentConfig | None = None,
         seed: int = 0,
     ) -> None:
+        super().__init__(length, seed)
         self.volumes = list(volumes)
-        self.length = int(length)
         self.pairs = list(pairs) if pairs is not None else all_pairs(len(self.volumes))
         self.augment = augment
         self.cfg = augment_config or AugmentConfig()
-        self.seed = int(seed)
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch (changes every item's randomness)."""
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return self.length
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         i, j = self.pairs[index % len(self.pairs)]
-        g = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, index))
+        g = self.generator(index)
         vm, vf = self.volumes[i], self.volumes[j]
         with torch.no_grad():
             if self.augment:
@@ -327,7 +340,7 @@ def pose_and_initialise(moving: torch.Tensor, moving_labels: torch.Tensor | None
 STRIP_MODES = ("random", "whole", "brain")
 
 
-class CohortPairs(Dataset):
+class CohortPairs(EpochDataset):
     """Cross-subject pairs of the real cohort, posed and initialised (see module doc).
 
     Item ``i`` of epoch ``e`` draws from a generator seeded with :func:`sample_seed`
@@ -347,20 +360,11 @@ class CohortPairs(Dataset):
             raise ValueError("CohortPairs needs at least two subjects")
         if strip not in STRIP_MODES:
             raise ValueError(f"strip must be one of {STRIP_MODES}, got {strip!r}")
+        super().__init__(length, seed)
         self.volumes = list(volumes)
-        self.length = int(length)
-        self.seed = int(seed)
         self.cfg = augment_config
         self.pose = pose if pose is not None else PoseConfig()
         self.strip, self.p_strip, self.p_same_strip = strip, float(p_strip), float(p_same_strip)
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch (changes every item's randomness)."""
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return self.length
 
     def _strips(self, g: torch.Generator) -> tuple[bool, bool]:
         if self.strip != "random":
@@ -371,7 +375,7 @@ class CohortPairs(Dataset):
         return a, float(torch.rand((), generator=g)) < self.p_strip
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        g = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, int(index)))
+        g = self.generator(index)
         n = len(self.volumes)
         i = int(torch.randint(n, (), generator=g))
         j = int(torch.randint(n - 1, (), generator=g))
@@ -390,31 +394,27 @@ class CohortPairs(Dataset):
                 "pair": torch.tensor([i, j]), "source": "ixi"}
 
 
-class PosedSynthPairs(Dataset):
+class PosedSynthPairs(EpochDataset):
     """Synthesised pairs (a :class:`avsm.train.synth.SynthPairs`) made to look like inference inputs:
     each image re-normalised by the inference percentiles, the moving image posed and initialised
     (:func:`pose_and_initialise`) on a working grid of ``spacing`` mm (the label maps' box)."""
 
     def __init__(self, synth: Dataset, spacing: float, *, seed: int = 0, pose: PoseConfig | None = None,
                  name: str = "synth") -> None:
+        super().__init__(len(synth), seed)  # type: ignore[arg-type]
         self.synth = synth
-        self.seed = int(seed)
         self.pose = pose if pose is not None else PoseConfig()
         self.name = name
         self.spacing = float(spacing)
-        self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch of this wrapper and of the synthesiser."""
-        self.epoch = int(epoch)
+        super().set_epoch(epoch)
         self.synth.set_epoch(epoch)  # type: ignore[attr-defined]
-
-    def __len__(self) -> int:
-        return len(self.synth)  # type: ignore[arg-type]
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         item = self.synth[index]
-        g = torch.Generator().manual_seed(sample_seed(self.seed + 7919, self.epoch, int(index)))
+        g = self.generator(index, salt=7919)
         m = torch.from_numpy(normalize_intensity(item["moving"].numpy()))[None].float()
         f = torch.from_numpy(normalize_intensity(item["fixed"].numpy()))[None].float()
         shape = m.shape[2:]
@@ -426,7 +426,7 @@ class PosedSynthPairs(Dataset):
                 "fixed_labels": item["fixed_labels"].to(torch.int64), "pair": item["pair"], "source": self.name}
 
 
-class MixedPairs(Dataset):
+class MixedPairs(EpochDataset):
     """A mixture of pair datasets: item ``i`` of epoch ``e`` comes from source ``k`` with probability
     ``weights[k]`` (drawn from :func:`sample_seed` ``(seed, e, i)``), as that source's item ``i``."""
 
@@ -436,24 +436,19 @@ class MixedPairs(Dataset):
         w = torch.tensor([float(x) for x in weights], dtype=torch.float64)
         if (w < 0).any() or float(w.sum()) <= 0:
             raise ValueError(f"mixture weights must be >= 0 with a positive sum, got {list(weights)}")
+        super().__init__(length, seed)
         self.sources = list(sources)
         self.weights = w / w.sum()
-        self.length = int(length)
-        self.seed = int(seed)
-        self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch (of every source too)."""
-        self.epoch = int(epoch)
+        super().set_epoch(epoch)
         for s in self.sources:
             s.set_epoch(epoch)  # type: ignore[attr-defined]
 
-    def __len__(self) -> int:
-        return self.length
-
     def source_of(self, index: int) -> int:
         """Which source item ``index`` of the current epoch comes from."""
-        g = torch.Generator().manual_seed(sample_seed(self.seed + 104729, self.epoch, int(index)))
+        g = self.generator(index, salt=104729)
         return int(torch.multinomial(self.weights, 1, generator=g))
 
     def __getitem__(self, index: int) -> dict[str, Any]:

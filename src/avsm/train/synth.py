@@ -53,14 +53,13 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
 from avsm.core.coords import identity_map
 from avsm.core.integrate import svf_exp
 from avsm.core.sampling import gaussian_blur, resample_map, warp
 from avsm.io.image import load_image, resample
 from avsm.train.augment import AugmentConfig, _smooth_field, random_velocity
-from avsm.train.data import sample_seed
+from avsm.train.data import EpochDataset
 
 __all__ = [
     "BRAIN_LABELS",
@@ -425,7 +424,7 @@ def synthesise_image(labels: torch.Tensor, g: torch.Generator, cfg: SynthConfig,
 # --------------------------------------------------------------------------- dataset
 
 
-class SynthPairs(Dataset):
+class SynthPairs(EpochDataset):
     """Synthetic registration pairs drawn from label maps.
 
     Item ``i`` draws, from a generator seeded with
@@ -464,25 +463,16 @@ class SynthPairs(Dataset):
             raise ValueError(f"length must be >= 0, got {length}")
         if not 0.0 <= float(p_same_map) <= 1.0:
             raise ValueError(f"p_same_map must be in [0, 1], got {p_same_map}")
+        super().__init__(length, seed)
         self.label_maps = maps
         self.cfg = cfg if cfg is not None else SynthConfig()
-        self.seed = int(seed)
-        self.length = int(length)
         self.p_same_map = float(p_same_map)
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch (changes every item's randomness)."""
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return self.length
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         if not -self.length <= int(index) < self.length:
             raise IndexError(f"index {index} out of range for {self.length} items")
         index = int(index) % self.length
-        g = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, index))
+        g = self.generator(index)
         n = len(self.label_maps)
         a = int(torch.randint(n, (), generator=g))
         same = float(torch.rand((), generator=g, dtype=torch.float64)) < self.p_same_map
