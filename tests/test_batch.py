@@ -1,5 +1,5 @@
 """Tests of avsm.batch: pairs.csv, resume with verified done.json, per-pair failures,
-manifest, worker pool, and torchrun-style rank splitting (file-based merge).
+manifest, worker pool, SLURM-array shards merged by ``avsm status``, label mapping in batch mode.
 
 The stand-ins for ``avsm.pipeline.register_pair`` below are module-level so that
 spawned workers and subprocesses can import them (``from test_batch import ...``).
@@ -95,10 +95,11 @@ def make_inputs(folder: Path, n: int = 3, bad: bool = False) -> Path:
 
 
 def tree_hashes(folder: Path) -> dict[str, str]:
-    """sha256 of every result file below ``folder`` (done.json and manifests excluded)."""
+    """sha256 of every result file below ``folder`` (done.json, manifests and the hidden batch state excluded)."""
     out = {}
     for p in sorted(folder.rglob("*")):
-        if p.is_file() and p.name not in (DONE_NAME, MANIFEST_CSV, MANIFEST_JSON):
+        hidden = any(part.startswith(".") for part in p.relative_to(folder).parts)
+        if p.is_file() and not hidden and p.name not in (DONE_NAME, MANIFEST_CSV, MANIFEST_JSON):
             out[str(p.relative_to(folder))] = hashlib.sha256(p.read_bytes()).hexdigest()
     return out
 
@@ -212,32 +213,70 @@ def test_worker_pool_matches_serial(tmp_path: Path) -> None:
     assert tree_hashes(tmp_path / "serial") == tree_hashes(tmp_path / "pool")
 
 
-def test_torchrun_style_ranks_merge(tmp_path: Path) -> None:
-    """Two ranks (WORLD_SIZE=2, no process group): each takes pairs[rank::2]; rank 0 merges."""
+def test_slurm_array_shards_then_status_merges(tmp_path: Path) -> None:
+    """Two SLURM array tasks (ids 1 and 2 of --array=1-2): each takes its share, no barrier, no manifest;
+    ``avsm status`` merges them into the same manifest as one serial run."""
     csv_path = make_inputs(tmp_path / "in", n=5)
     out = tmp_path / "out"
     code = ("import sys, json; from avsm.batch import run_batch; from test_batch import stub_register; "
-            f"r = run_batch({str(csv_path)!r}, {str(out)!r}, register_one=stub_register, progress=False, "
-            "rank_timeout_s=60); print(json.dumps([x['name'] for x in r]))")
+            f"r = run_batch({str(csv_path)!r}, {str(out)!r}, register_one=stub_register, progress=False); "
+            "print(json.dumps([x['name'] for x in r]))")
     procs = []
-    for rank in (1, 0):
-        env = {**os.environ, "WORLD_SIZE": "2", "RANK": str(rank), "AVSM_BATCH_RUN_ID": "t1",
+    for task in (2, 1):
+        env = {**os.environ, "SLURM_ARRAY_TASK_ID": str(task), "SLURM_ARRAY_TASK_MIN": "1",
+               "SLURM_ARRAY_TASK_MAX": "2", "SLURM_ARRAY_TASK_COUNT": "2",
                "PYTHONPATH": os.pathsep.join([str(SRC), str(TESTS)])}
+        env.pop("WORLD_SIZE", None)
         procs.append(subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True, encoding="utf-8", errors="replace"))
     outs = {}
-    for rank, p in zip((1, 0), procs):
+    for task, p in zip((2, 1), procs):
         so, se = p.communicate(timeout=120)
         assert p.returncode == 0, se
-        outs[rank] = json.loads(so.strip().splitlines()[-1])
-    assert outs[1] == ["p1", "p3"]
-    assert outs[0] == ["p0", "p1", "p2", "p3", "p4"]
+        outs[task] = json.loads(so.strip().splitlines()[-1])
+    assert outs[1] == ["p0", "p2", "p4"] and outs[2] == ["p1", "p3"]
+    assert not (out / MANIFEST_CSV).exists()  # shards do not merge; avsm status does
+    from avsm.cli.main import main
+
+    assert main(["status", str(out)]) == 0
     rows = list(csv.DictReader(open(out / MANIFEST_CSV)))
+    assert [r["name"] for r in rows] == ["p0", "p1", "p2", "p3", "p4"]
     assert [r["status"] for r in rows] == ["done"] * 5
-    assert not list(out.glob(".manifest-rank*"))
     serial = run_batch(str(csv_path), str(tmp_path / "serial"), register_one=stub_register, progress=False)
     assert [r["status"] for r in serial] == ["done"] * 5
     assert tree_hashes(out) == tree_hashes(tmp_path / "serial")
+
+
+def label_register(fixed: str, moving: str, out_dir: str, *, moving_labels: str | None = None,
+                   fixed_labels: str | None = None, label_mapping: str | None = None,
+                   fixed_mask: str | None = None, moving_mask: str | None = None,
+                   progress: bool = True) -> dict[str, Any]:
+    """Stub that records what it was given (label mapping and masks) in its summary."""
+    stub_register(fixed, moving, out_dir)
+    return {"label_mapping": label_mapping, "fixed_mask": fixed_mask, "moving_mask": moving_mask}
+
+
+def test_label_mapping_and_masks_in_batch_mode(tmp_path: Path) -> None:
+    """--label-mapping (and --fixed-mask) fill empty cells, a row's own column wins; their contents
+    are part of the fingerprint: editing the mapping file re-runs the pairs that use it."""
+    d = tmp_path / "in"
+    make_inputs(d, n=3)
+    (d / "map_all.csv").write_text("3,5\n")
+    (d / "map_p1.csv").write_text("fixed,moving\n7,8\n")
+    (d / "mask.nii.gz").write_bytes(b"mask")
+    (d / "pairs.csv").write_text("moving,fixed,name,label_mapping\nmoving0.nii.gz,fixed0.nii.gz,p0,\n"
+                                 "moving1.nii.gz,fixed1.nii.gz,p1,map_p1.csv\nmoving2.nii.gz,fixed2.nii.gz,p2,\n")
+    out = tmp_path / "out"
+    recs = run_batch(str(d / "pairs.csv"), str(out), register_one=label_register, progress=False,
+                     label_mapping=str(d / "map_all.csv"), fixed_mask=str(d / "mask.nii.gz"))
+    got = {r["name"]: r["summary"] for r in recs}
+    assert got["p0"]["label_mapping"] == str(d / "map_all.csv")
+    assert got["p1"]["label_mapping"] == str(d / "map_p1.csv")
+    assert all(g["fixed_mask"] == str(d / "mask.nii.gz") and g["moving_mask"] is None for g in got.values())
+    (d / "map_all.csv").write_text("3,6\n")  # p0 and p2 use it
+    recs = run_batch(str(d / "pairs.csv"), str(out), register_one=label_register, progress=False,
+                     label_mapping=str(d / "map_all.csv"), fixed_mask=str(d / "mask.nii.gz"))
+    assert [r["status"] for r in recs] == ["done", "skipped", "done"]
 
 
 def test_cli_batch_with_real_pipeline(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -157,7 +157,8 @@ def rel_err(a: np.ndarray, b: np.ndarray, mask: np.ndarray, ref: np.ndarray) -> 
 
 def test_files_and_geometry(case: dict) -> None:
     files, prefix = case["files"], case["prefix"]
-    assert set(files) == set(ROLES) - {"compact"}  # a hand-made result has no velocities
+    # a hand-made result has no velocities; the .h5 composites are tested in test_export_h5.py
+    assert set(files) == set(ROLES) - {"compact", "composite_h5", "inverse_composite_h5"}
     for role, p in files.items():
         assert p == prefix + ROLES[role] and os.path.isfile(p)
     assert not any(n.startswith(".avsm-tmp") for n in os.listdir(os.path.dirname(prefix)))

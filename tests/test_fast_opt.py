@@ -111,7 +111,7 @@ def test_paper_preset_is_the_papers_schedule() -> None:
     assert p.vsvf.sigmas == (0.05, 0.10, 0.15, 0.20, 0.25)
     f = preset("fast")
     assert f.vsvf.integrator == "ss" and f.vsvf.iterations[-1] == 0
-    assert set(PRESETS) == {"fast", "paper"}
+    assert set(PRESETS) == {"native", "fast", "paper"}
     assert RegistrationSettings().preset == "fast" and RegistrationSettings().method == "auto"
 
 

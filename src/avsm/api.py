@@ -47,7 +47,7 @@ from avsm.models.vsvf import VSVF, VelocityStep
 from avsm.optim.affine_opt import optimise_affine
 from avsm.optim.initialise import initial_affine
 from avsm.optim.vsvf_opt import VSVFOptConfig, optimise_vsvf
-from avsm.settings import INIT_MODES, RegistrationSettings, preset
+from avsm.settings import DEFAULT_PRESET, INIT_MODES, NATIVE_FLOOR_MM, RegistrationSettings, at_spacing, preset
 from avsm.transform import RegistrationResult
 
 log = logging.getLogger(__name__)
@@ -121,7 +121,7 @@ def resolve_settings(settings: RegistrationSettings | None = None, **overrides: 
     ``vsvf_config`` (stage configs; for ``net+opt`` the latter is the refinement),
     ``affine_steps`` / ``vsvf_steps`` / ``network_affine`` (network) and ``refine_iterations``.
     """
-    s = settings or preset("fast")
+    s = settings or preset(DEFAULT_PRESET)
     changes: dict[str, Any] = {}
     net_changes: dict[str, Any] = {}
     refine_iterations = overrides.pop("refine_iterations", None)
@@ -293,8 +293,16 @@ def register(
     if method in ("net", "net+opt"):
         net = _load_net(model if model is not None else s.network.model, device)
         net.eval()
-        if spacing is None and shape is None:
-            spacing = net.config.working_spacing
+        if spacing in (None, "native") and shape is None:
+            spacing = net.config.working_spacing  # the network works on its own grid
+    if spacing == "native" and shape is None:
+        spacing = max(NATIVE_FLOOR_MM, min(fixed.grid.spacing))
+        log.info("working grid: the fixed image's own spacing, %.3g mm", spacing)
+        # the preset's levels are millimetres: a coarser image keeps them, never finer than itself
+        s = s.replace(affine=at_spacing(s.affine, spacing), linear=at_spacing(s.linear, spacing),
+                      vsvf=at_spacing(s.vsvf, spacing))
+    elif spacing == "native":
+        spacing = None  # an explicit shape wins
     if spacing is None and shape is None:
         spacing = max(2.0, min(fixed.grid.spacing))  # never upsample a coarse image
     info["modality"] = {"fixed": modalities[0], "moving": modalities[1]}

@@ -1,92 +1,105 @@
-"""Batch registration of many pairs: resumable, fault-tolerant, parallel, with a manifest.
+"""Batch registration of many pairs: sharded, locked, resumable, fault-tolerant, with a manifest.
 
-``pairs.csv`` has a header with the columns ``moving,fixed`` and optionally
-``moving_labels``, ``fixed_labels`` and ``name`` (relative paths are resolved
-against the CSV file's folder).  Each pair is registered into
-``out_dir/<name>/`` by ``register_one(fixed, moving, pair_dir, moving_labels=...,
-fixed_labels=..., **options) -> dict`` (normally
-:func:`avsm.pipeline.register_pair`).
+``pairs.csv`` (the one format of ``avsm register --pairs`` and ``avsm evaluate``, read by
+:func:`read_pairs`): a header row, then one row per pair; ``#`` lines and blank rows are
+skipped; relative paths are taken from the CSV's folder.  Columns (any order):
 
-Completion and resume
-    When ``register_one`` returns, every file of the pair's folder is listed with
-    its size and SHA-256 in ``out_dir/<name>/done.json``, written **last** and
-    atomically.  A pair is skipped on a later run only if ``done.json`` parses,
-    every listed file still has its size and hash, the inputs still have the
-    recorded size and hash, and the options are the same; anything else
-    (including a run killed mid-pair, which leaves no ``done.json``) is redone.
+========================  ====================================================================
+``moving``, ``fixed``     the images (required); a file, or a DICOM series folder
+``name``                  output sub-folder (``[A-Za-z0-9._-]``, others become ``_``; ``id`` is
+                          accepted for it); default ``<moving stem>_to_<fixed stem>``; unique
+``moving_labels``         label map of the moving image (warped to the fixed grid)
+``fixed_labels``          label map of the fixed image (Dice in the summary)
+``label_mapping``         ``fixed_label,moving_label`` CSV when the protocols differ
+                          (default: ``--label-mapping``)
+``fixed_mask``,           0/1 masks on the images' grids (default: ``--fixed-mask`` /
+``moving_mask``           ``--moving-mask``)
+========================  ====================================================================
 
-Failures
-    An exception in one pair is recorded (``status="failed"`` and a one-line
-    ``error``) and the batch goes on.
+Every pair is one :class:`avsm.jobs.Job` (see there: fingerprint of the input contents and
+the options, a lock per pair, ``done.json`` written last) run by an engine of
+:mod:`avsm.executors` (this process, local workers that survive a killed worker, Dask) on
+this process's static shard (``--shard I/N``, a SLURM array task, a torchrun rank).  Each
+pair writes into ``out_dir/<name>/``.  A failed pair is recorded with a one-line reason and
+the batch goes on.
 
-Manifest
-    ``out_dir/manifest.json`` (full records) and ``out_dir/manifest.csv`` (one
-    row per pair: name, status, error, seconds, paths, scalar metrics of the
-    summary) are written atomically at the end.
-
-Parallelism
-    ``workers > 1`` runs pairs in a ``ProcessPoolExecutor`` (``spawn``; torch
-    threads split between workers).  Under ``torchrun`` (``WORLD_SIZE > 1``,
-    ``RANK``) rank ``r`` takes ``pairs[r::world]``, writes
-    ``out_dir/.manifest-rank<r>.json``, and rank 0 merges them after a barrier
-    (``torch.distributed.barrier()`` when a process group is initialised,
-    otherwise by waiting for the other ranks' files).
+Manifest: ``out_dir/manifest.json`` (full records) and ``out_dir/manifest.csv`` (one row per
+pair: name, status, error, seconds, attempts, the input paths, scalar metrics of the
+summary).  A single shard writes it at its end; with several shards, ``avsm status OUT``
+(:func:`batch_status`) merges what they wrote and writes it.
 """
 
 from __future__ import annotations
 
 import csv
-import hashlib
+import difflib
 import io
 import json
 import logging
-import multiprocessing
 import os
 import re
-import shutil
-import sys
-import time
-from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from tqdm.auto import tqdm
-
 from avsm.errors import AvsmError
-from avsm.io.outputs import STAGING_PREFIX, OutputTransaction, atomic_write_text
+from avsm.io.outputs import OutputTransaction, atomic_write_text
+from avsm.jobs import (
+    DEFAULT_LOCK_TIMEOUT_S,
+    DONE_NAME,
+    STATE_DIR,
+    Job,
+    JobContext,
+    collect,
+    fingerprint,
+    job_dir,
+    new_run_id,
+    read_plan,
+    settings_key,
+    stamp_inputs,
+    write_plan,
+)
+from avsm.jobs import verify_done as _verify_folder
 
 __all__ = [
+    "COLUMNS",
+    "DONE_NAME",
+    "MANIFEST_CSV",
+    "MANIFEST_JSON",
     "PairSpec",
+    "RegisterWork",
+    "batch_status",
     "read_pairs",
+    "register_jobs",
     "run_batch",
     "verify_done",
-    "DONE_NAME",
-    "MANIFEST_JSON",
-    "MANIFEST_CSV",
+    "write_manifest",
+    "write_pairs",
 ]
 
 log = logging.getLogger(__name__)
 
-DONE_NAME = "done.json"
 MANIFEST_JSON = "manifest.json"
 MANIFEST_CSV = "manifest.csv"
-_RANK_FILE = ".manifest-rank{rank}.json"
-_DONE_VERSION = 1
-#: Options that do not change results (not part of the resume check).
-_VOLATILE_OPTIONS = frozenset({"progress", "device"})
+#: The columns of ``pairs.csv`` (``id`` is accepted for ``name``).
+COLUMNS = ("moving", "fixed", "name", "moving_labels", "fixed_labels", "label_mapping", "fixed_mask",
+           "moving_mask")
+_PATH_COLUMNS = ("moving", "fixed", "moving_labels", "fixed_labels", "label_mapping", "fixed_mask", "moving_mask")
 
 RegisterOne = Callable[..., Mapping[str, Any]]
 
 
 @dataclass(frozen=True)
 class PairSpec:
-    """One row of ``pairs.csv`` with resolved paths.
+    """One row of ``pairs.csv`` (paths absolute after :func:`read_pairs`).
 
     Attributes:
-        name: output sub-folder name (``[A-Za-z0-9._-]``).
+        name: unique name, the output sub-folder.
         moving, fixed: image paths.
-        moving_labels, fixed_labels: optional label-map paths.
+        moving_labels, fixed_labels: label-map paths or ``None``.
+        label_mapping: ``fixed_label,moving_label`` CSV or ``None`` (same labels).
+        fixed_mask, moving_mask: 0/1 mask paths or ``None``.
+        row: line of ``pairs.csv`` it came from (0: not from a file); not compared.
     """
 
     name: str
@@ -94,268 +107,221 @@ class PairSpec:
     fixed: str
     moving_labels: str | None = None
     fixed_labels: str | None = None
+    label_mapping: str | None = None
+    fixed_mask: str | None = None
+    moving_mask: str | None = None
+    row: int = field(default=0, compare=False)
+
+    @property
+    def pair_id(self) -> str:
+        """The name (as ``avsm evaluate`` calls it)."""
+        return self.name
 
     @property
     def inputs(self) -> dict[str, str]:
-        """``{role: path}`` of the given inputs."""
-        return {k: v for k, v in (("moving", self.moving), ("fixed", self.fixed),
-                                  ("moving_labels", self.moving_labels),
-                                  ("fixed_labels", self.fixed_labels)) if v}
+        """``{role: path}`` of the given inputs (every one is part of the fingerprint)."""
+        return {k: getattr(self, k) for k in _PATH_COLUMNS if getattr(self, k)}
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (JSON-serialisable), without ``row``."""
+        d = asdict(self)
+        d.pop("row", None)
+        return d
+
+    def where(self, csv_path: str | None = None) -> str:
+        """``"pairs.csv row N (name)"`` for messages."""
+        src = f"{os.path.basename(csv_path)} " if csv_path else ""
+        return f"{src}row {self.row} ({self.name})" if self.row else self.name
 
 
 # --------------------------------------------------------------------------- pairs.csv
 
 
 def _stem(path: str) -> str:
-    base = os.path.basename(path)
-    for ext in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd"):
+    base = os.path.basename(os.path.normpath(path))
+    for ext in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".mgz"):
         if base.lower().endswith(ext):
             return base[: -len(ext)]
     return os.path.splitext(base)[0]
 
 
-def _safe_name(name: str) -> str:
+def safe_name(name: str) -> str:
+    """``name`` as a folder name: runs of characters outside ``[A-Za-z0-9._-]`` become ``_``."""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "pair"
 
 
-def read_pairs(pairs_csv: str | os.PathLike[str]) -> list[PairSpec]:
-    """Read and check ``pairs.csv``.
+def read_pairs(pairs_csv: str | os.PathLike[str], *, label_mapping: str | None = None,
+               fixed_mask: str | None = None, moving_mask: str | None = None) -> list[PairSpec]:
+    """Read and check ``pairs.csv`` (columns: see the module docstring and :data:`COLUMNS`).
 
     Args:
-        pairs_csv: CSV with a header ``moving,fixed[,moving_labels,fixed_labels][,name]``
-            (column order free, ``#`` lines ignored).  Relative paths are taken
-            relative to the CSV's folder.  A missing name becomes
-            ``<moving stem>_to_<fixed stem>``.
+        pairs_csv: the file.
+        label_mapping, fixed_mask, moving_mask: defaults for rows that leave these columns
+            empty (``--label-mapping``, ``--fixed-mask``, ``--moving-mask``).
 
     Returns:
-        The pairs in file order.
+        The pairs in file order.  Missing input files are not checked here: such a pair
+        fails when it runs (the others still run).
 
     Raises:
-        AvsmError: unreadable file, missing columns, empty path, no pairs, or a
-            duplicate name (one line naming the CSV).
+        AvsmError: unreadable file, missing ``moving``/``fixed`` column, a column name that
+            looks like a misspelt one, both ``name`` and ``id``, an empty path, a duplicate
+            name, or no pairs; one line naming the CSV (and the row).
     """
     path = os.fspath(pairs_csv)
     try:
         with open(path, newline="", encoding="utf-8-sig") as fh:
-            text = "".join(ln for ln in fh if not ln.lstrip().startswith("#"))
+            lines = fh.read().splitlines(keepends=True)
     except OSError as e:
         raise AvsmError(f"cannot read pairs file: {e.strerror or e}", path) from e
-    reader = csv.DictReader(io.StringIO(text))
-    cols = [c.strip() for c in (reader.fieldnames or [])]
-    missing = {"moving", "fixed"} - set(cols)
+    except UnicodeDecodeError:
+        raise AvsmError("pairs file is not a text (CSV) file", path) from None
+    kept = [(i, ln) for i, ln in enumerate(lines, start=1) if ln.strip() and not ln.lstrip().startswith("#")]
+    reader = csv.reader(io.StringIO("".join(ln for _, ln in kept)))
+    try:
+        header = [c.strip().lower() for c in next(reader)]
+    except StopIteration:
+        raise AvsmError("pairs file is empty (expected a header moving,fixed,...)", path) from None
+    missing = [c for c in ("moving", "fixed") if c not in header]
     if missing:
-        raise AvsmError(f"pairs file lacks column(s) {', '.join(sorted(missing))} "
-                        "(header must be moving,fixed[,moving_labels,fixed_labels][,name])", path)
+        raise AvsmError(f"pairs file lacks column(s) {', '.join(missing)} (header must name moving,fixed and "
+                        f"optionally {', '.join(COLUMNS[2:])})", path)
+    if "name" in header and "id" in header:
+        raise AvsmError("pairs file has both 'name' and 'id' columns (they are the same; keep one)", path)
+    known = set(COLUMNS) | {"id"}
+    unknown = [c for c in header if c not in known]
+    for c in unknown:
+        close = difflib.get_close_matches(c, list(COLUMNS), n=1, cutoff=0.75)
+        if close:
+            raise AvsmError(f"pairs file has an unknown column {c!r}: did you mean {close[0]!r}?", path)
+    if unknown:
+        log.warning("%s: ignoring column(s) %s (pairs.csv columns: %s)", path, ", ".join(unknown), ", ".join(COLUMNS))
+    if len(set(header)) != len(header):
+        raise AvsmError("pairs file names a column twice", path)
     base = os.path.dirname(os.path.abspath(path))
 
     def res(v: str | None) -> str | None:
         v = (v or "").strip()
         if not v:
             return None
+        v = os.path.expanduser(v)
         return v if os.path.isabs(v) else os.path.normpath(os.path.join(base, v))
 
+    defaults = {"label_mapping": label_mapping, "fixed_mask": fixed_mask, "moving_mask": moving_mask}
+    defaults = {k: (os.path.abspath(v) if v else None) for k, v in defaults.items()}
     pairs: list[PairSpec] = []
     seen: dict[str, int] = {}
-    for line, row in enumerate(reader, start=2):
-        row = {(k or "").strip(): (v if isinstance(v, str) else "") for k, v in row.items()}
-        if not any(v.strip() for v in row.values()):
+    for cells in reader:
+        line = kept[reader.line_num - 1][0] if reader.line_num - 1 < len(kept) else reader.line_num
+        if not any(c.strip() for c in cells):
             continue
+        if len(cells) > len(header):
+            raise AvsmError(f"row {line}: {len(cells)} cells but the header has {len(header)} columns", path)
+        row = dict(zip(header, cells))
         moving, fixed = res(row.get("moving")), res(row.get("fixed"))
         if not moving or not fixed:
-            raise AvsmError(f"row {line}: moving and fixed paths are required", path)
-        name = _safe_name((row.get("name") or "").strip() or f"{_stem(moving)}_to_{_stem(fixed)}")
+            raise AvsmError(f"row {line}: the moving and fixed paths are required", path)
+        given = (row.get("name") or row.get("id") or "").strip()
+        name = safe_name(given or f"{_stem(moving)}_to_{_stem(fixed)}")
         if name in seen:
             raise AvsmError(f"row {line}: duplicate pair name {name!r} (also row {seen[name]}); "
-                            "add a distinct 'name' column", path)
+                            "give each row a distinct 'name'", path)
         seen[name] = line
-        pairs.append(PairSpec(name, moving, fixed, res(row.get("moving_labels")), res(row.get("fixed_labels"))))
+        opt = {k: res(row.get(k)) or defaults.get(k) for k in ("moving_labels", "fixed_labels", "label_mapping",
+                                                               "fixed_mask", "moving_mask")}
+        pairs.append(PairSpec(name, moving, fixed, row=line, **opt))
     if not pairs:
         raise AvsmError("pairs file contains no pairs", path)
     return pairs
 
 
-# --------------------------------------------------------------------------- done.json
+def write_pairs(pairs: Iterable[PairSpec], path: str) -> None:
+    """Write ``pairs`` as a ``pairs.csv`` (absolute paths, every column)."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(COLUMNS)
+    for p in pairs:
+        w.writerow([getattr(p, c) or "" for c in COLUMNS])
+    atomic_write_text(path, buf.getvalue())
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+# --------------------------------------------------------------------------- the register job
 
 
-def _file_record(path: str) -> dict[str, Any]:
-    return {"size": os.path.getsize(path), "sha256": _sha256(path)}
+@dataclass(frozen=True)
+class RegisterWork:
+    """The work of one pair: ``register_one(fixed, moving, pair_dir, ...)`` (picklable).
+
+    ``moving_labels`` and ``fixed_labels`` are always passed; ``label_mapping``,
+    ``fixed_mask`` and ``moving_mask`` only when the pair has them.
+    """
+
+    register_one: RegisterOne
+    pair: PairSpec
+    options: Mapping[str, Any]
+
+    def __call__(self, ctx: JobContext) -> Mapping[str, Any]:
+        p = self.pair
+        extra = {k: getattr(p, k) for k in ("label_mapping", "fixed_mask", "moving_mask") if getattr(p, k)}
+        return self.register_one(p.fixed, p.moving, ctx.dir, moving_labels=p.moving_labels,
+                                 fixed_labels=p.fixed_labels, **extra, **dict(self.options))
 
 
-def _output_files(pair_dir: str) -> list[str]:
-    """Relative paths of the pair's outputs (hidden entries and ``done.json`` excluded)."""
+def _setting_files(options: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """Files named by the settings (``--init FILE``, ``--model``): their contents count too."""
+    s = options.get("settings")
     out = []
-    for root, dirs, files in os.walk(pair_dir):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for f in sorted(files):
-            if f.startswith("."):
-                continue
-            rel = os.path.relpath(os.path.join(root, f), pair_dir)
-            if rel != DONE_NAME:
-                out.append(rel)
+    for role, value in (("init", getattr(s, "init", None)), ("model", getattr(getattr(s, "network", None),
+                                                                           "model", None))):
+        if isinstance(value, str) and os.path.isfile(value):
+            out.append((role, value))
     return out
 
 
-def _options_key(options: Mapping[str, Any]) -> str:
-    kept = {k: _plain(v) for k, v in options.items() if k not in _VOLATILE_OPTIONS}
-    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
+def register_jobs(pairs: Sequence[PairSpec], register_one: RegisterOne, options: Mapping[str, Any]) -> list[Job]:
+    """One :class:`avsm.jobs.Job` per pair (same key: the options, without device, progress, threads).
 
-
-def _plain(value: Any) -> Any:
-    """Dataclass options (settings) as dictionaries, without their volatile fields (device)."""
-    import dataclasses
-
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        d = dataclasses.asdict(value)
-        for k in _VOLATILE_OPTIONS:
-            d.pop(k, None)
-        return d
-    return value
+    Raises:
+        AvsmError: two pairs whose names give the same folder, or a reserved name.
+    """
+    key = settings_key(kind="register", options=dict(options))
+    extra = _setting_files(options)
+    jobs, seen = [], {}
+    for p in pairs:
+        folder = safe_name(p.name)
+        if folder in (MANIFEST_CSV, MANIFEST_JSON):
+            raise AvsmError(f"pair name {p.name!r} is reserved (manifest file)")
+        if folder in seen:
+            raise AvsmError(f"pairs {seen[folder]!r} and {p.name!r} would share the output folder {folder!r}")
+        seen[folder] = p.name
+        meta = {k: v for k, v in p.to_dict().items() if k != "name"}
+        jobs.append(Job(folder, tuple(p.inputs.items()) + tuple(extra), RegisterWork(register_one, p, dict(options)),
+                        key, meta))
+    return jobs
 
 
 def verify_done(pair: PairSpec, pair_dir: str, options: Mapping[str, Any]) -> dict[str, Any] | None:
-    """The ``done.json`` record of a completed pair, or ``None`` if it must be (re)done.
-
-    Checks: ``done.json`` parses and has this version; the inputs' paths, sizes
-    and SHA-256 match; the options match (except progress/device); every
-    recorded output exists with its size and SHA-256.
-    """
-    done = os.path.join(pair_dir, DONE_NAME)
+    """The ``done.json`` of ``pair`` in ``pair_dir`` if complete for these inputs and ``options``, else ``None``."""
+    job = register_jobs([pair], _no_register, options)[0]
+    done = _read_done(pair_dir)
     try:
-        with open(done, encoding="utf-8") as fh:
-            rec = json.load(fh)
+        fp = fingerprint(job.key, stamp_inputs(job.inputs, (done or {}).get("inputs")))
+    except AvsmError:
+        return None
+    return _verify_folder(pair_dir, fp)
+
+
+def _no_register(*args: Any, **kwargs: Any) -> Mapping[str, Any]:  # pragma: no cover - never called
+    raise RuntimeError("placeholder")
+
+
+def _read_done(folder: str) -> dict[str, Any] | None:
+    try:
+        with open(os.path.join(folder, DONE_NAME), encoding="utf-8") as fh:
+            d = json.load(fh)
+        return d if isinstance(d, dict) else None
     except (OSError, ValueError):
         return None
-    try:
-        if rec.get("version") != _DONE_VERSION or rec.get("options_key") != _options_key(options):
-            return None
-        inputs = rec["inputs"]
-        if set(inputs) != set(pair.inputs):
-            return None
-        for role, p in pair.inputs.items():
-            r = inputs[role]
-            if r["path"] != os.path.abspath(p) or os.path.getsize(p) != r["size"] or _sha256(p) != r["sha256"]:
-                return None
-        files = rec["files"]
-        if not files:
-            return None
-        for rel, r in files.items():
-            fp = os.path.join(pair_dir, rel)
-            if not os.path.isfile(fp) or os.path.getsize(fp) != r["size"] or _sha256(fp) != r["sha256"]:
-                return None
-    except (KeyError, TypeError, OSError):
-        return None
-    return rec
-
-
-def _json_safe(obj: Any) -> Any:
-    """A strict-JSON copy: unknown types become strings, NaN/Inf become ``None``."""
-
-    def fix(x: Any) -> Any:
-        if isinstance(x, float) and not (x == x and abs(x) != float("inf")):
-            return None
-        if isinstance(x, dict):
-            return {k: fix(v) for k, v in x.items()}
-        if isinstance(x, list):
-            return [fix(v) for v in x]
-        return x
-
-    return fix(json.loads(json.dumps(obj, default=str)))
-
-
-def _clean_stale(pair_dir: str) -> None:
-    """Remove a stale ``done.json`` and staging folders left by a killed run."""
-    if not os.path.isdir(pair_dir):
-        return
-    try:
-        os.remove(os.path.join(pair_dir, DONE_NAME))
-    except FileNotFoundError:
-        pass
-    for entry in os.listdir(pair_dir):
-        if entry.startswith(STAGING_PREFIX):
-            shutil.rmtree(os.path.join(pair_dir, entry), ignore_errors=True)
-
-
-def _one_line(e: BaseException) -> str:
-    text = str(e) if isinstance(e, AvsmError) else f"{type(e).__name__}: {e}"
-    return " ".join(text.split())[:500]
-
-
-# --------------------------------------------------------------------------- one pair
-
-
-def _check_paths(pair: PairSpec, pair_dir: str) -> None:
-    """Refuse a pair whose output folder is, or contains, one of its inputs."""
-    real_dir = os.path.realpath(pair_dir)
-    for role, p in pair.inputs.items():
-        rp = os.path.realpath(p)
-        if rp == real_dir or rp.startswith(real_dir + os.sep):
-            raise AvsmError(f"{role} input lies in the pair's output folder {pair_dir}; "
-                            "an output could overwrite it", p)
-
-
-def _record(pair: PairSpec, pair_dir: str, **kw: Any) -> dict[str, Any]:
-    """A manifest record of ``pair`` (status ``failed`` until updated)."""
-    rec: dict[str, Any] = {**asdict(pair), "out_dir": pair_dir, "status": "failed", "error": "",
-                           "seconds": 0.0, "summary": {}, "files": {}}
-    rec.update(kw)
-    return rec
-
-
-def _run_pair(pair: PairSpec, out_dir: str, register_one: RegisterOne,
-              options: dict[str, Any]) -> dict[str, Any]:
-    """Register one pair (or skip it when verified done); never raises."""
-    pair_dir = os.path.join(out_dir, pair.name)
-    t0 = time.perf_counter()
-    rec = _record(pair, pair_dir)
-    try:
-        _check_paths(pair, pair_dir)
-        done = verify_done(pair, pair_dir, options)
-        if done is not None:
-            rec.update(status="skipped", summary=done.get("summary", {}), files=done["files"],
-                       seconds=done.get("seconds", 0.0))
-            return rec
-        _clean_stale(pair_dir)
-        for role, p in pair.inputs.items():
-            if not os.path.isfile(p):
-                raise AvsmError("file not found" if not os.path.exists(p) else "not a file", p)
-        input_recs = {role: {"path": os.path.abspath(p), **_file_record(p)} for role, p in pair.inputs.items()}
-        summary = register_one(pair.fixed, pair.moving, pair_dir, moving_labels=pair.moving_labels,
-                               fixed_labels=pair.fixed_labels, **options)
-        # inputs must be untouched
-        for role, p in pair.inputs.items():
-            if _file_record(p) != {k: input_recs[role][k] for k in ("size", "sha256")}:
-                raise AvsmError(f"{role} input changed during the registration", p)
-        files = {rel: _file_record(os.path.join(pair_dir, rel)) for rel in _output_files(pair_dir)}
-        if not files:
-            raise AvsmError("registration wrote no output files", pair_dir)
-        seconds = round(time.perf_counter() - t0, 3)
-        done_rec = {"version": _DONE_VERSION, "name": pair.name, "inputs": input_recs,
-                    "options_key": _options_key(options), "options": _json_safe(options),
-                    "files": files, "summary": _json_safe(dict(summary or {})), "seconds": seconds,
-                    "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        # written last, atomically: its presence means every file above is complete
-        atomic_write_text(os.path.join(pair_dir, DONE_NAME), json.dumps(done_rec, indent=2))
-        rec.update(status="done", summary=done_rec["summary"], files=files, seconds=seconds)
-    except Exception as e:  # noqa: BLE001 - per-pair failures must not stop the batch
-        log.warning("pair %s failed: %s", pair.name, _one_line(e))
-        rec.update(status="failed", error=_one_line(e), seconds=round(time.perf_counter() - t0, 3))
-    return rec
-
-
-def _worker_init(threads: int) -> None:
-    """Split the CPU threads between workers (read by torch/OpenMP/MKL when first imported)."""
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        os.environ[var] = str(max(1, threads))
-    if "torch" in sys.modules:  # already imported (e.g. by a fork-like start method)
-        sys.modules["torch"].set_num_threads(max(1, threads))
 
 
 # --------------------------------------------------------------------------- manifest
@@ -370,88 +336,91 @@ def _scalars(prefix: str, d: Mapping[str, Any], out: dict[str, Any]) -> None:
             out[key] = v
 
 
-def _write_manifest(out_dir: str, records: list[dict[str, Any]], inputs: Iterable[str]) -> None:
-    base = ["name", "status", "error", "seconds", "moving", "fixed", "moving_labels", "fixed_labels", "out_dir"]
+MANIFEST_COLUMNS = ["name", "status", "error", "seconds", "attempts", "moving", "fixed", "moving_labels",
+                    "fixed_labels", "label_mapping", "fixed_mask", "moving_mask", "out_dir"]
+
+
+def write_manifest(out_dir: str, records: Sequence[Mapping[str, Any]], inputs: Iterable[str] = ()) -> None:
+    """Write ``manifest.csv`` and ``manifest.json`` into ``out_dir`` together (atomically)."""
     rows = []
     extra: list[str] = []
     for r in records:
-        row = {k: ("" if r.get(k) is None else r.get(k)) for k in base}
+        row = {k: ("" if r.get(k) is None else r.get(k)) for k in MANIFEST_COLUMNS}
         metrics: dict[str, Any] = {}
         _scalars("", r.get("summary") or {}, metrics)
         for k in metrics:
-            if k not in extra and k not in base:
+            if k not in extra and k not in MANIFEST_COLUMNS:
                 extra.append(k)
         row.update(metrics)
         rows.append(row)
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=base + extra, restval="", lineterminator="\n")
+    w = csv.DictWriter(buf, fieldnames=MANIFEST_COLUMNS + extra, restval="", lineterminator="\n")
     w.writeheader()
     w.writerows(rows)
+    counts: dict[str, int] = {}
+    for r in records:
+        counts[str(r.get("status"))] = counts.get(str(r.get("status")), 0) + 1
+    doc = {"counts": counts, "pairs": [dict(r) for r in records]}
     with OutputTransaction(inputs=inputs) as tx:
-        for name, text in ((MANIFEST_CSV, buf.getvalue()),
-                           (MANIFEST_JSON, json.dumps({"pairs": records}, indent=2, default=str))):
+        for name, text in ((MANIFEST_CSV, buf.getvalue()), (MANIFEST_JSON, json.dumps(doc, indent=1, default=str))):
             with open(tx.path(os.path.join(out_dir, name)), "w", encoding="utf-8") as fh:
                 fh.write(text)
 
 
-def _dist_info() -> tuple[int, int]:
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    rank = int(os.environ.get("RANK", "0") or 0)
-    if world < 1 or not 0 <= rank < world:
-        raise AvsmError(f"bad torchrun environment RANK={rank} WORLD_SIZE={world}")
-    return rank, world
+def batch_status(out_dir: str, *, verify: str = "quick", write: bool = True,
+                 overrides: Mapping[str, Mapping[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """Merge what every shard wrote under ``out_dir`` (``avsm status``); write the manifest.
 
+    Args:
+        out_dir: the batch folder.
+        verify: ``quick`` or ``full`` (re-hash every output and input).
+        write: write ``manifest.csv`` / ``manifest.json``.
+        overrides: records of this process's run (``done`` vs ``skipped``) by name.
 
-def _dist_initialised() -> bool:
-    try:
-        import torch.distributed as dist
+    Returns:
+        One record per planned pair, in plan order, ``status`` one of ``done``, ``skipped``,
+        ``failed``, ``running``, ``missing``.
 
-        return dist.is_available() and dist.is_initialized()
-    except Exception:  # noqa: BLE001
-        return False
-
-
-def _run_id() -> str:
-    return os.environ.get("TORCHELASTIC_RUN_ID") or os.environ.get("AVSM_BATCH_RUN_ID") or "local"
-
-
-def _gather_ranks(out_dir: str, rank: int, world: int, mine: list[dict[str, Any]],
-                  expected: list[list[str]], timeout_s: float) -> list[dict[str, Any]] | None:
-    """Exchange per-rank records; rank 0 returns all of them (in rank order), others ``None``."""
-    atomic_write_text(os.path.join(out_dir, _RANK_FILE.format(rank=rank)),
-                      json.dumps({"run_id": _run_id(), "rank": rank, "world": world, "records": mine}))
-    if _dist_initialised():
-        import torch.distributed as dist
-
-        dist.barrier()
-    if rank != 0:
-        return None
-    deadline = time.monotonic() + timeout_s
-    merged: list[dict[str, Any]] = []
-    for r in range(world):
-        path = os.path.join(out_dir, _RANK_FILE.format(rank=r))
-        while True:
-            try:
-                with open(path, encoding="utf-8") as fh:
-                    data = json.load(fh)
-                names = [rec["name"] for rec in data["records"]]
-                if data.get("run_id") == _run_id() and data.get("world") == world and names == expected[r]:
-                    merged.extend(data["records"])
-                    break
-            except (OSError, ValueError, KeyError, TypeError):
-                pass
-            if time.monotonic() > deadline:
-                raise AvsmError(f"rank {r} did not report within {timeout_s:.0f} s", path)
-            time.sleep(1.0)
-    for r in range(world):
-        try:
-            os.remove(os.path.join(out_dir, _RANK_FILE.format(rank=r)))
-        except OSError:
-            pass
-    return merged
+    Raises:
+        AvsmError: no batch plan in ``out_dir``.
+    """
+    plan = read_plan(out_dir)
+    records = collect(out_dir, plan["jobs"], verify=verify)
+    if overrides:
+        for i, r in enumerate(records):
+            o = overrides.get(r["name"])
+            if o is not None and o.get("status") in ("done", "skipped", "failed") and not (
+                    r["status"] == "done" and o.get("status") == "failed"):
+                records[i] = {**r, **o}
+    if write:
+        inputs = [p for j in plan["jobs"] for _, p in j["inputs"]] + ([plan["pairs_csv"]] if plan.get("pairs_csv")
+                                                                      else [])
+        write_manifest(out_dir, records, inputs)
+    return records
 
 
 # --------------------------------------------------------------------------- entry point
+
+
+def _resolve_device(options: dict[str, Any], workers: int | None) -> tuple[dict[str, Any], int, list[str]]:
+    """Device handling: ``cuda`` → one worker per visible GPU (pinned); under torchrun ``cuda:$LOCAL_RANK``."""
+    from avsm.executors import gpu_devices
+
+    settings = options.get("settings")
+    device = str(settings.device if settings is not None else options.get("device", "cpu"))
+    devices: list[str] = []
+    if device == "cuda" and int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 and os.environ.get("LOCAL_RANK"):
+        local = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        options = ({**options, "settings": settings.replace(device=local)} if settings is not None
+                   else {**options, "device": local})
+        return options, max(1, workers or 1), devices
+    if device == "cuda":
+        devices = gpu_devices("cuda")
+        n = workers or len(devices)
+        if n == 1:
+            devices = []  # one worker in this process: no pinning needed
+        return options, max(1, n), devices
+    return options, max(1, workers or 1), devices
 
 
 def run_batch(
@@ -459,116 +428,124 @@ def run_batch(
     out_dir: str,
     *,
     register_one: RegisterOne,
-    workers: int = 1,
+    workers: int | None = None,
     progress: bool = True,
-    rank_timeout_s: float = 7 * 24 * 3600.0,
+    shard: Any = None,
+    scheduler: str = "local",
+    threads: int | None = None,
+    label_mapping: str | None = None,
+    fixed_mask: str | None = None,
+    moving_mask: str | None = None,
+    verify: str = "quick",
+    max_attempts: int = 2,
+    lock_timeout_s: float = DEFAULT_LOCK_TIMEOUT_S,
     **options: Any,
 ) -> list[dict[str, Any]]:
-    """Register every pair of ``pairs_csv`` into ``out_dir/<name>/``.
+    """Register this shard's pairs of ``pairs_csv`` into ``out_dir/<name>/``.
 
     Args:
-        pairs_csv: the pairs file (see :func:`read_pairs`).
-        out_dir: output folder (created if missing).
-        register_one: ``register_one(fixed, moving, pair_dir, *, moving_labels,
-            fixed_labels, **options) -> dict`` summary (e.g.
-            :func:`avsm.pipeline.register_pair`); must write only inside
-            ``pair_dir`` and be picklable when ``workers > 1``.
-        workers: parallel worker processes (CPU); 1 runs in this process.  With a
-            ``cuda`` device pairs run one at a time (under torchrun, ``device="cuda"``
-            becomes ``cuda:$LOCAL_RANK``).
-        progress: show the batch progress bar (with ETA); the per-pair
-            ``progress`` passed to ``register_one`` is always ``False`` when
-            ``register_one`` accepts it through ``options``.
-        rank_timeout_s: under torchrun without a process group, how long rank 0
-            waits for the other ranks' results.
-        **options: passed to ``register_one`` (part of the resume check, except
-            ``progress`` and ``device``).
+        pairs_csv: the pairs file (:func:`read_pairs`).
+        out_dir: output folder (created if missing); several processes may share it.
+        register_one: ``register_one(fixed, moving, pair_dir, *, moving_labels, fixed_labels,
+            [label_mapping, fixed_mask, moving_mask,] **options) -> dict`` (normally
+            :func:`avsm.pipeline.register_pair`); writes only inside ``pair_dir``; picklable
+            (module level) for workers and Dask.
+        workers: parallel processes (``None``: 1 on CPU, one per visible GPU with
+            ``device="cuda"``).
+        progress: a progress bar (with ETA) over this shard's pairs; ``progress`` passed to
+            ``register_one`` is ``False`` when it takes one.
+        shard: ``"I/N"`` or a :class:`avsm.executors.Shard` (default: SLURM array / torchrun
+            environment, else all pairs).
+        scheduler: ``local``, ``dask`` or a Dask scheduler address (:func:`avsm.executors.run_jobs`).
+        threads: CPU threads per pair (default: the CPUs available split between the workers).
+        label_mapping, fixed_mask, moving_mask: defaults for rows without their own.
+        verify: ``quick`` or ``full`` check of earlier results.
+        max_attempts: attempts of a pair whose worker process died.
+        lock_timeout_s: a pair lock not refreshed for this long is taken over.
+        **options: passed to ``register_one`` (fingerprinted, except ``progress`` and ``device``).
 
     Returns:
-        One record per pair (rank 0 of a torchrun job: every pair; other ranks:
-        their own), each with ``name``, ``status`` (``done``, ``skipped``,
-        ``failed``), ``error``, ``seconds``, the input paths, ``out_dir``,
-        ``summary`` and ``files`` (``{relative path: {size, sha256}}``).
+        One record per pair of this shard, in file order (see :func:`avsm.jobs.run_job`;
+        ``status`` ``done``, ``skipped``, ``failed`` or ``busy``), with the pair's paths.
 
     Raises:
-        AvsmError: bad pairs file, ``out_dir`` is an input file, or it cannot be created.
+        AvsmError: bad pairs file or shard, unusable ``out_dir``, unreachable scheduler.
     """
-    pairs = read_pairs(pairs_csv)
+    from tqdm.auto import tqdm
+
+    from avsm.executors import resolve_shard, run_jobs
+    from avsm.threads import resolve_threads
+
+    the_shard = resolve_shard(shard)
+    pairs = read_pairs(pairs_csv, label_mapping=label_mapping, fixed_mask=fixed_mask, moving_mask=moving_mask)
     out_dir = os.fspath(out_dir)
     all_inputs = [os.fspath(pairs_csv)] + [p for pr in pairs for p in pr.inputs.values()]
-    for p in all_inputs:
-        if os.path.exists(out_dir) and os.path.exists(p) and os.path.samefile(out_dir, p):
-            raise AvsmError("output folder is an input file", out_dir)
+    if os.path.exists(out_dir):
+        for p in all_inputs:
+            if os.path.exists(p) and os.path.samefile(out_dir, p):
+                raise AvsmError("output folder is an input file", out_dir)
     if os.path.isfile(out_dir):
         raise AvsmError("output folder is an existing file", out_dir)
     try:
-        os.makedirs(out_dir, exist_ok=True)
+        os.makedirs(os.path.join(out_dir, STATE_DIR), exist_ok=True)
     except OSError as e:
         raise AvsmError(f"cannot create output folder: {e.strerror or e}", out_dir) from e
     if not os.access(out_dir, os.W_OK | os.X_OK):
         raise AvsmError("output folder is not writable", out_dir)
-
     for name in (MANIFEST_CSV, MANIFEST_JSON):
         target = os.path.join(out_dir, name)
-        if any(os.path.exists(p) and os.path.samefile(target, p) for p in all_inputs if os.path.exists(target)):
+        if os.path.exists(target) and any(os.path.exists(p) and os.path.samefile(target, p) for p in all_inputs):
             raise AvsmError("manifest would overwrite an input file", target)
 
-    rank, world = _dist_info()
-    mine = pairs[rank::world]
-    settings = options.get("settings")
-    device = str(settings.device if settings is not None else options.get("device", "cpu"))
-    if device.startswith("cuda"):
-        if world > 1 and device == "cuda" and os.environ.get("LOCAL_RANK"):
-            local = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-            if settings is not None:
-                options = {**options, "settings": settings.replace(device=local)}
-            else:
-                options = {**options, "device": local}
-        if workers > 1:
-            log.warning("device %s: running pairs one at a time on the GPU (workers=%d ignored)", device, workers)
-            workers = 1
+    options, n_workers, devices = _resolve_device(dict(options), workers)
+    if devices and scheduler not in ("local", "", None):
+        log.warning("--device cuda with --scheduler %s: Dask workers are not pinned to GPUs (use local workers, "
+                    "or start one Dask worker per GPU with CUDA_VISIBLE_DEVICES set)", scheduler)
+        devices = []
     if "progress" in options or register_one_accepts_progress(register_one):
         options = {**options, "progress": False}
-    workers = max(1, min(int(workers), len(mine) or 1))
-    records: dict[str, dict[str, Any]] = {}
-    bar = tqdm(total=len(mine), unit="pair", desc=f"avsm batch{'' if world == 1 else f' rank {rank}'}",
-               disable=not progress, dynamic_ncols=True)
+    jobs = register_jobs(pairs, register_one, options)
+    write_plan(out_dir, "register", jobs, {"pairs_csv": os.path.abspath(pairs_csv)})
+    mine = the_shard.select(jobs)
+    mine_names = {j.name for j in mine}
+    for job, pair in zip(jobs, pairs):
+        if job.name in mine_names:
+            for role, p in pair.inputs.items():
+                if not os.path.exists(p):
+                    log.warning("%s: %s file not found: %s (this pair will fail; the others run)",
+                                pair.where(pairs_csv), role, p)
+    remote = scheduler not in ("local", "dask", "", None)
+    n_threads = threads if (remote and threads is None) else resolve_threads(
+        threads, min(n_workers, max(1, len(mine))))
+    log.info("batch: %d of %d pairs on shard %s (%s), %s, %d worker(s), %s threads each", len(mine), len(jobs),
+             the_shard, the_shard.source, scheduler, n_workers, n_threads or "default")
+    bar = tqdm(total=len(mine), unit="pair", dynamic_ncols=True, disable=not progress,
+               desc="avsm batch" + ("" if the_shard.count == 1 else f" shard {the_shard}"))
+    counts = {"failed": 0}
+
+    def tick(rec: dict[str, Any]) -> None:
+        bar.update(1)
+        if rec.get("status") == "failed":
+            counts["failed"] += 1
+            bar.set_postfix(failed=counts["failed"])
+            log.info("pair %s failed: %s", rec.get("name"), rec.get("error"))
+
     try:
-        if workers == 1:
-            for pair in mine:
-                records[pair.name] = _run_pair(pair, out_dir, register_one, options)
-                _tick(bar, records[pair.name])
-        else:
-            threads = max(1, (os.cpu_count() or 1) // workers)
-            ctx = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init,
-                                     initargs=(threads,)) as pool:
-                futures: dict[Future[dict[str, Any]], PairSpec] = {
-                    pool.submit(_run_pair, pair, out_dir, register_one, options): pair for pair in mine}
-                pending = set(futures)
-                while pending:
-                    finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-                    for fut in finished:
-                        pair = futures[fut]
-                        try:
-                            rec = fut.result()
-                        except Exception as e:  # noqa: BLE001 - e.g. a worker killed by the OOM killer
-                            rec = _record(pair, os.path.join(out_dir, pair.name), error=_one_line(e))
-                        records[pair.name] = rec
-                        _tick(bar, rec)
+        by_name = run_jobs(mine, out_dir, scheduler=scheduler or "local", workers=n_workers, threads=n_threads,
+                           devices=devices, max_attempts=max_attempts, run_id=new_run_id(), verify=verify,
+                           lock_timeout_s=lock_timeout_s, on_result=tick)
     finally:
         bar.close()
-    ordered = [records[p.name] for p in mine]
-    if world > 1:
-        merged = _gather_ranks(out_dir, rank, world, ordered,
-                               [[p.name for p in pairs[r::world]] for r in range(world)], rank_timeout_s)
-        if merged is None:
-            return ordered
-        by_name = {r["name"]: r for r in merged}
-        ordered = [by_name[p.name] for p in pairs]
-    _write_manifest(out_dir, ordered, all_inputs)
-    n_fail = sum(r["status"] == "failed" for r in ordered)
-    log.info("batch: %d pairs, %d failed; manifest in %s", len(ordered), n_fail, out_dir)
+    ordered = [by_name[j.name] for j in mine]
+    if the_shard.count == 1:
+        batch_status(out_dir, verify="quick", write=True, overrides=by_name)
+    else:
+        path = os.path.join(out_dir, STATE_DIR, "shards", f"{the_shard.index}-of-{the_shard.count}.json")
+        atomic_write_text(path, json.dumps({"shard": str(the_shard), "records": ordered}, indent=1, default=str))
+        log.info("shard %s finished; 'avsm status %s' merges the shards and writes the manifest", the_shard, out_dir)
+    n = {s: sum(r["status"] == s for r in ordered) for s in ("done", "skipped", "failed", "busy")}
+    log.info("batch shard %s: %d done, %d skipped, %d failed, %d busy elsewhere", the_shard, n["done"],
+             n["skipped"], n["failed"], n["busy"])
     return ordered
 
 
@@ -583,12 +560,6 @@ def register_one_accepts_progress(fn: RegisterOne) -> bool:
     return "progress" in params
 
 
-def _tick(bar: Any, rec: Mapping[str, Any]) -> None:
-    bar.update(1)
-    failed = getattr(bar, "_avsm_failed", 0) + (rec.get("status") == "failed")
-    bar._avsm_failed = failed
-    if failed:
-        bar.set_postfix(failed=failed)
-    if rec.get("status") == "failed":
-        log.info("pair %s failed: %s", rec.get("name"), rec.get("error"))
-
+def job_folder(out_dir: str, name: str) -> str:
+    """The output folder of pair ``name`` under ``out_dir``."""
+    return job_dir(out_dir, safe_name(name))

@@ -8,7 +8,6 @@ input.
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import math
@@ -32,13 +31,13 @@ from avsm.io.image import Volume, check_same_geometry, load_image
 from avsm.io.masks import load_mask
 from avsm.io.nifti import write_nifti
 from avsm.io.outputs import OutputTransaction
+from avsm.labels import read_label_mapping, scored_labels  # noqa: F401 - read_label_mapping re-exported
 from avsm.metrics.overlap import dice_per_label, mean_dice, shared_labels
-from avsm.settings import RegistrationSettings, preset
+from avsm.settings import DEFAULT_PRESET, RegistrationSettings, preset
 from avsm.transform import (
     RegistrationResult,
     VolumeSampler,
-    apply_homogeneous,
-    grid_world_points,
+    grid_affine_map,
     slab_ranges,
     world_jacobian_determinant,
 )
@@ -54,26 +53,6 @@ OUTPUT_NAMES = {
 }
 
 
-def read_label_mapping(path: str | os.PathLike[str]) -> dict[int, int]:
-    """Read a ``fixed_label,moving_label`` CSV (header optional) into ``{fixed: moving}``."""
-    out: dict[int, int] = {}
-    try:
-        with open(path, newline="") as fh:
-            for row in csv.reader(fh):
-                if not row or row[0].strip().startswith("#"):
-                    continue
-                try:
-                    out[int(row[0])] = int(row[1])
-                except (ValueError, IndexError):
-                    if out:  # a non-numeric line after data is an error; the first may be a header
-                        raise AvsmError(f"bad label-mapping line {row!r}", path) from None
-    except OSError as e:
-        raise AvsmError(f"cannot read label mapping ({e.strerror})", path) from e
-    if not out:
-        raise AvsmError("label mapping is empty", path)
-    return out
-
-
 @dataclass
 class OutputSettings:
     """What :func:`register_pair` writes besides the warped image and summary.
@@ -82,7 +61,8 @@ class OutputSettings:
         formats: transform formats (:data:`avsm.export.itk.FORMATS`): ``ants``
             (``0GenericAffine.mat``, ``1Warp``, ``1InverseWarp``, as antsRegistration writes),
             ``avsm`` (the compact ``avsm.npz``), ``composite`` (``Composite``,
-            ``InverseComposite``), ``tfm`` (the affine as ITK text), ``l2r`` (Learn2Reg
+            ``InverseComposite``), ``tfm`` (the affine as ITK text), ``h5`` (ITK HDF5
+            ``Composite.h5``, ``InverseComposite.h5``, as antsRegistration writes), ``l2r`` (Learn2Reg
             displacement).  Default ``ants`` and ``avsm``.
         qc: also write ``qc.png``.
     """
@@ -172,10 +152,11 @@ def forward_outputs(result: RegistrationResult, moving: Volume, moving_labels: V
         warped[z0:z1] = img(core)
         if lab is not None and labels is not None:
             labels[z0:z1] = lab(core)
-            if labels_aff is not None:
-                labels_aff[z0:z1] = lab(apply_homogeneous(M, grid_world_points(grid.slab(z0, z1))))
+            if labels_aff is not None:  # the affine alone: world points M(x), one float32 affine map
+                sl = grid.slab(z0, z1)
+                labels_aff[z0:z1] = lab(grid_affine_map(M @ sl.unit_to_world(), sl.shape, dtype=torch.float32))
         if field is not None:
-            field[:, z0:z1] = field_slab(result, "warp", grid.slab(z0, z1), M, world=core)
+            field[:, z0:z1] = field_slab(result, "warp", grid.slab(z0, z1), M, world=core, dtype=torch.float32)
     return ForwardOutputs(warped, labels, labels_aff, field, folds, det_min, det_max)
 
 
@@ -228,7 +209,7 @@ def register_pair(
         AvsmError: unreadable or invalid input, an output path equal to an input,
             or an unwritable output directory.  Nothing is written then.
     """
-    s = settings or preset("fast")
+    s = settings or preset(DEFAULT_PRESET)
     out_cfg = outputs or OutputSettings()
     method, device = s.method, s.device
     formats, qc = out_cfg.formats, out_cfg.qc
@@ -258,7 +239,7 @@ def register_pair(
         rss_reg = _peak_rss_mb()
         t_out = time.perf_counter()
         fwd = forward_outputs(result, mv, ml, labels_affine=fl is not None and ml is not None,
-                              warp_field="ants" in formats)
+                              warp_field="ants" in formats or "h5" in formats)
         write_nifti(fwd.warped, fv.grid, tx_paths["warped"], final=paths["warped"])
         fwd.warped = None  # type: ignore[assignment]  # release each output once written
         folds, det_min, det_max = fwd.folds, fwd.det_min, fwd.det_max
@@ -283,6 +264,7 @@ def register_pair(
             "peak_rss_mb_registration": round(rss_reg, 1),
             "host": platform.node(),
             "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
             "settings": _json_ready(s.to_dict()),
         }
         if any(result.info.get("domain_warnings", {}).values()):
@@ -291,7 +273,7 @@ def register_pair(
             assert fwd.labels is not None
             write_nifti(fwd.labels, fv.grid, tx_paths["warped_labels"], final=paths["warped_labels"])
             if fl is not None and fwd.labels_affine is not None and shared_labels(fl.array, ml.array, mapping):
-                scored = sorted(mapping) if mapping else shared_labels(fl.array, ml.array, None)
+                scored = scored_labels(fl.array, ml.array, mapping)  # the one Dice rule (avsm.labels)
                 d = dice_per_label(fwd.labels, fl.array, mapping=mapping, labels=scored)
                 da = dice_per_label(fwd.labels_affine, fl.array, mapping=mapping, labels=scored)
                 summary["dice"] = {str(k): (round(v, 4) if not math.isnan(v) else None) for k, v in d.items()}

@@ -19,8 +19,15 @@ import numpy as np
 import torch
 
 from avsm.core.coords import affine_map, homogeneous_to_centred, invert_affine
-from avsm.core.jacobian import jacobian_determinant
-from avsm.core.sampling import compose_displacement, map_displacement, warp
+from avsm.core.jacobian import count_folds_in_slabs, jacobian_determinant
+from avsm.core.sampling import (
+    compose_displacement,
+    label_indices,
+    map_displacement,
+    sample_affine,
+    warp,
+    warp_label_indices,
+)
 from avsm.io.geometry import Grid
 from avsm.io.image import Volume
 from avsm.models.vsvf import VelocityStep, replay, replay_inverse
@@ -91,7 +98,7 @@ def _label_values(array: np.ndarray) -> list[int]:
 
 
 class VolumeSampler:
-    """Samples one volume at world points, piece by piece (label values found once).
+    """Samples one volume at world points, piece by piece (label values and positions found once).
 
     Args:
         volume: any volume (its own grid).
@@ -106,6 +113,10 @@ class VolumeSampler:
         if self.mode == "linear":
             self.src = self.src.float()
         self.values = _label_values(volume.array) if self.mode == "label" else None
+        self.dtype = self.src.dtype
+        if self.values is not None:
+            # label mode samples each voxel's position among the values (int16), found once
+            self.src = label_indices(self.src, self.values)
         self.w2u = volume.grid.world_to_unit()
 
     def empty(self, shape: Sequence[int]) -> np.ndarray:
@@ -122,8 +133,10 @@ class VolumeSampler:
         src, u = self._crop(u)
         if self.mode == "linear":
             out = warp(src, u.float(), mode="linear")
+        elif self.values is not None:
+            out = warp_label_indices(src, u, self.values, dtype=self.dtype)
         else:
-            out = warp(src, u, mode=self.mode, label_values=self.values)  # type: ignore[arg-type]
+            out = warp(src, u, mode=self.mode)  # type: ignore[arg-type]
         return out[0, 0].numpy()
 
     def _crop(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -291,10 +304,12 @@ class RegistrationResult(WorldMapTransform):
         src, dst = (self.moving_grid, self.fixed_grid) if inverse else (self.fixed_grid, self.moving_grid)
         if grid is None:
             grid = self.moving_original if inverse else self.fixed_original
-        inner = grid_affine_map(src.world_to_unit() @ grid.unit_to_world(), grid.shape, dtype=dtype,
-                                device=self.phi.device)
-        unit = self._compose(inverse, affine_only, inner)
-        return apply_homogeneous(dst.unit_to_world(), unit)
+        to_src = src.world_to_unit() @ grid.unit_to_world()
+        # world = U2W(inner + disp(inner)) = U2W(inner) + D(inner), D the displacement in world mm
+        # (linear interpolation commutes with U2W's linear part): the affine part, plus D read at
+        # the grid's points (separably when the grid's axes are the working grid's)
+        affine = grid_affine_map(dst.unit_to_world() @ to_src, grid.shape, dtype=dtype, device=self.phi.device)
+        return affine.add_(sample_affine(self._world_displacement(inverse, affine_only, dtype), to_src, grid.shape))
 
     def map_points(self, points: torch.Tensor, *, inverse: bool = False,
                    affine_only: bool = False) -> torch.Tensor:
@@ -319,15 +334,39 @@ class RegistrationResult(WorldMapTransform):
             hit = cache[key] = (maps, map_displacement(self._map(inverse, affine_only).to(inner.dtype)))
         return compose_displacement(hit[1], inner)
 
-    def _map(self, inverse: bool, affine_only: bool) -> torch.Tensor:
-        """The working-grid unit map of the requested direction, float64."""
+    def _world_displacement(self, inverse: bool, affine_only: bool, dtype: torch.dtype) -> torch.Tensor:
+        """``U2W_lin(phi - id)`` on the working grid of the requested map: its displacement in world mm
+        (``(1, 3, *working shape)``, ``dtype``; cached like :meth:`_compose`'s)."""
+        key = ("world", inverse, affine_only, dtype)
+        maps = (self.phi, self.phi_inv, self.phi_affine)
+        cache = self.__dict__.setdefault("_displacements", {})
+        hit = cache.get(key)
+        if hit is None or any(a is not b for a, b in zip(hit[0], maps)):
+            dst = self.fixed_grid if inverse else self.moving_grid
+            lin = np.eye(4)
+            lin[:3, :3] = dst.unit_to_world()[:3, :3]
+            phi = self._map(inverse, affine_only, dtype)
+            # in slabs of 16 slices: no whole-grid float64 temporaries (a 1 mm brain's map is 126 MB)
+            disp = torch.empty(phi.shape, dtype=dtype, device=phi.device)
+            axes = [torch.linspace(0.0, 1.0, n, dtype=dtype, device=phi.device) if n > 1
+                    else torch.zeros(1, dtype=dtype, device=phi.device) for n in phi.shape[2:]]
+            for z0 in range(0, phi.shape[2], 16):
+                z1 = min(z0 + 16, phi.shape[2])
+                ident = torch.stack(torch.meshgrid(axes[0][z0:z1], axes[1], axes[2], indexing="ij")).unsqueeze(0)
+                disp[:, :, z0:z1] = apply_homogeneous(lin, phi[:, :, z0:z1].to(dtype) - ident)
+            hit = cache[key] = (maps, disp)
+        return hit[1]
+
+    def _map(self, inverse: bool, affine_only: bool, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """The working-grid unit map of the requested direction (stored maps as they are; an affine
+        inverse in ``dtype``); callers convert slab by slab."""
         if inverse:
             if affine_only:
                 Ai, bi = invert_affine(self.A.double(), self.b.double())
-                return affine_map(Ai, bi, self.moving_grid.shape)
-            return self.phi_inv.double()
-        return (self.phi_affine if affine_only else self.phi).double()
+                return affine_map(Ai.to(dtype), bi.to(dtype), self.moving_grid.shape)
+            return self.phi_inv
+        return self.phi_affine if affine_only else self.phi
 
     def folds(self) -> int:
         """Voxels with ``det J < 0`` on the fixed working grid (the registration's own grid)."""
-        return int((jacobian_determinant(self.phi.double()) < 0).sum())
+        return count_folds_in_slabs(self.phi)

@@ -22,6 +22,9 @@ def run_demo(args: argparse.Namespace) -> int:
     from avsm.data import demo_paths
     from avsm.pipeline import register_pair
 
+    from avsm.threads import apply_threads, resolve_threads
+
+    apply_threads(resolve_threads(getattr(args, "threads", None)))
     d = demo_paths()
     opts = options_from_args(args)
     opts["outputs"].qc = True

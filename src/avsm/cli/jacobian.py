@@ -25,6 +25,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--reference", required=True, help="image whose grid the determinant is computed on")
     p.add_argument("--out", required=True, help="output det J image (NIfTI/NRRD/MHA)")
     p.add_argument("--log", action="store_true", help="write log(det J) (non-positive values become NaN)")
+    from avsm.threads import add_threads_argument
+
+    add_threads_argument(p)
     p.set_defaults(func=run)
 
 
@@ -47,6 +50,9 @@ def run(args: argparse.Namespace) -> int:
 
     from avsm.cli.warp import reference_grid
 
+    from avsm.threads import apply_threads, resolve_threads
+
+    apply_threads(resolve_threads(getattr(args, "threads", None)))
     grid = reference_grid(args.reference)
     specs = [parse_transform_spec(t) for t in args.transform]
     compact = [p for p, _ in specs if is_compact(p)]

@@ -7,12 +7,54 @@ import json
 import sys
 
 from avsm.errors import AvsmError
-from avsm.settings import RegistrationSettings
+from avsm.settings import DEFAULT_PRESET, RegistrationSettings
 
 METHOD_HELP = ("auto (default): opt, the most accurate method within ANTs SyN's time on every input measured "
                "(real cross-subject brains, CT; README), logged; "
                "opt: affine-opt + vSVF-opt, no training needed; affine: affine-opt only; net: the bundled "
                "AVSM network, one pass (brain T1 only); net+opt: the network, then vSVF-opt refinement")
+
+
+def _help_text(text: str) -> str:
+    """``text`` as an argparse help string (``%`` escaped)."""
+    return text.replace("%", "%%")
+
+
+def preset_help() -> str:
+    """``--preset`` help: every preset of :data:`avsm.settings.PRESETS`, its stages read from its settings."""
+    from avsm.settings import PRESETS
+
+    return _help_text("levels are fractions of the working grid (2 mm by default). "
+                      + " | ".join(f"{k}: {v}" for k, v in PRESETS.items()))
+
+
+def iterations_help(stage: str) -> str:
+    """``--affine-iterations`` / ``--vsvf-iterations`` help with every preset's counts (from its settings)."""
+    from avsm.settings import PRESETS, _level, preset
+
+    def counts(key: str) -> str:
+        return "; ".join(f"{name} {','.join(str(i) for i in c.iterations)} at {', '.join(_level(x) for x in c.scales)}"
+                         for name in PRESETS for c in (getattr(preset(name), key),))
+
+    if stage == "affine":
+        text = (f"affine-opt iterations per level (default: the preset's: {counts('affine')}; linear only, "
+                f"--transform rigid/affine or --method affine: {counts('linear')})")
+    else:
+        text = (f"vSVF-opt iterations per level (default: the preset's: {counts('vsvf')}; the refinement of "
+                f"net+opt: {counts('refine')})")
+    return _help_text(text)
+
+
+def _spacing(text: str) -> float | str:
+    if text == "native":
+        return text
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a spacing in mm or 'native', got {text!r}") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"spacing must be > 0 mm, got {text}")
+    return v
 
 
 def _ints(text: str) -> list[int]:
@@ -32,8 +74,7 @@ def add_common_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--transform", default="deformable", choices=("rigid", "affine", "deformable"),
                    help="deformable: affine + vSVF (default); affine or rigid: the linear stage alone "
                         "(rigid: rotation + translation in mm, for longitudinal and same-subject pairs)")
-    g.add_argument("--preset", default="fast", choices=tuple(PRESETS),
-                   help="; ".join(f"{k}: {v}" for k, v in PRESETS.items()))
+    g.add_argument("--preset", default=DEFAULT_PRESET, choices=tuple(PRESETS), help=preset_help())
     g = p.add_argument_group("initial transform (antsRegistration --initial-moving-transform)")
     g.add_argument("--init", default="auto", metavar="auto|header|com|moments|FILE",
                    help="auto (default): the best of header, centres of mass and principal axes by the "
@@ -53,14 +94,18 @@ def add_common_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--fixed-series", default=None, metavar="UID",
                    help="SeriesInstanceUID when --fixed is a DICOM folder holding several series")
     g.add_argument("--moving-series", default=None, metavar="UID", help="the same for --moving")
-    g.add_argument("--spacing", type=float, default=None,
-                   help="working-grid spacing in mm (default: 2 mm for opt, the model's for net)")
+    g.add_argument("--spacing", type=_spacing, default=None, metavar="MM|native",
+                   help="working-grid spacing in mm, or 'native' (the fixed image's own, at least 1 mm); "
+                        "default: the preset's (native: native; fast, paper: 2 mm), the model's for net")
     g.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
+    from avsm.threads import add_threads_argument
+
+    add_threads_argument(g, per=" per registration")
     g = p.add_argument_group("optimisation (antsRegistration --convergence)")
     g.add_argument("--affine-iterations", type=_ints, default=None, metavar="N,N,...",
-                   help="affine-opt iterations per level (fast: 100,60 at 1/4, 1/2; paper: 200,200,50)")
+                   help=iterations_help("affine"))
     g.add_argument("--vsvf-iterations", type=_ints, default=None, metavar="N,N,...",
-                   help="vSVF-opt iterations per level (fast: 40,20,0 at 1/4, 1/2, 1; paper: 60,60,60)")
+                   help=iterations_help("vsvf"))
     g.add_argument("--integrator", default=None, choices=("ss", "rk4", "euler"),
                    help="map integrator: ss (scaling and squaring, fast) or rk4 (the paper's)")
     g.add_argument("--optimizer", default=None, choices=("lbfgs", "lbfgs-nols", "adam"),
@@ -76,10 +121,11 @@ def add_common_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--format", action="append", default=None, metavar="F[,F...]",
                    help="transform formats to write, comma-separated or repeated, from ants "
                         "(0GenericAffine.mat, 1Warp, 1InverseWarp), avsm (compact avsm.npz), composite "
-                        "(Composite, InverseComposite), tfm (affine as ITK text), l2r (Learn2Reg "
-                        "displacement); default ants,avsm")
+                        "(Composite, InverseComposite), tfm (affine as ITK text), h5 (ITK HDF5 "
+                        "Composite.h5, InverseComposite.h5, as antsRegistration --write-composite-transform 1), "
+                        "l2r (Learn2Reg displacement); default ants,avsm")
     g.add_argument("--qc", action="store_true", help="also write a QC figure (qc.png)")
-    g.add_argument("--quiet", action="store_true", help="no progress bars")
+    # --quiet (no progress bars) and -v are added to every sub-command by avsm.cli.main
 
 
 def _formats(values: list[str] | None) -> tuple[str, ...]:
@@ -100,9 +146,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--moving-labels", help="label map of the moving image, warped to the fixed grid")
     p.add_argument("--fixed-labels", help="label map of the fixed image, for Dice in the summary")
     p.add_argument("--label-mapping", help="CSV fixed_label,moving_label when the protocols differ")
-    p.add_argument("--pairs", help="CSV of pairs (moving,fixed[,moving_labels,fixed_labels][,name]) to batch")
-    p.add_argument("--workers", type=int, default=1, help="batch: worker processes on CPU")
-    p.add_argument("--out-dir", required=True, help="output folder (created if missing)")
+    add_batch_options(p)
+    p.add_argument("--out-dir", help="output folder (required; created if missing)")
     add_common_options(p)
     p.set_defaults(func=run)
 
@@ -117,7 +162,7 @@ def settings_from_args(args: argparse.Namespace) -> RegistrationSettings:
     method = args.method or "auto"
     changes: dict = {"method": method, "transform": args.transform, "init": args.init,
                      "modality": args.modality, "similarity": args.similarity,
-                     "spacing": args.spacing, "device": args.device,
+                     "spacing": args.spacing if args.spacing is not None else s.spacing, "device": args.device,
                      "network": NetworkSettings(model=args.model, affine_steps=args.affine_steps,
                                                 vsvf_steps=args.vsvf_steps,
                                                 **({"affine": args.network_affine} if args.network_affine else {}))}
@@ -161,28 +206,25 @@ def options_from_args(args: argparse.Namespace) -> dict:
     return dict(settings=settings_from_args(args),
                 outputs=OutputSettings(formats=_formats(args.format), qc=bool(args.qc)),
                 fixed_mask=args.fixed_mask, moving_mask=args.moving_mask,
-                fixed_series=args.fixed_series, moving_series=args.moving_series, progress=not args.quiet)
+                fixed_series=args.fixed_series, moving_series=args.moving_series,
+                progress=not getattr(args, "quiet", False))
 
 
 def run(args: argparse.Namespace) -> int:
     """Run ``avsm register``."""
+    missing = [opt for opt in ((() if args.pairs else ("--fixed", "--moving")) + ("--out-dir",))
+               if not getattr(args, opt[2:].replace("-", "_"))]
+    if missing:
+        names = ", ".join(missing[:-1]) + (" and " if len(missing) > 1 else "") + missing[-1]
+        raise AvsmError(f"missing {names}: avsm register needs --fixed and --moving (or --pairs CSV for a "
+                        f"batch) and --out-dir; 'avsm demo' registers the bundled demo pair")
     from avsm.pipeline import register_pair
 
     if args.pairs:
-        from avsm.batch import run_batch
+        return run_pairs(args)
+    from avsm.threads import apply_threads, resolve_threads
 
-        rows = run_batch(args.pairs, args.out_dir, register_one=register_pair, workers=args.workers,
-                         **options_from_args(args))
-        failed = [r for r in rows if r.get("status") == "failed"]
-        sys.stdout.write(f"{len(rows) - len(failed)} pairs done, {len(failed)} failed; "
-                         f"manifest in {args.out_dir}\n")
-        return 1 if failed else 0
-    if not args.fixed or not args.moving:
-        if args.fixed or args.moving:
-            raise AvsmError("give both --fixed and --moving (or --pairs)")
-        from avsm.cli.demo import run_demo
-
-        return run_demo(args)
+    apply_threads(resolve_threads(args.threads))
     summary = register_pair(args.fixed, args.moving, args.out_dir, moving_labels=args.moving_labels,
                             fixed_labels=args.fixed_labels, label_mapping=args.label_mapping,
                             **options_from_args(args))
@@ -190,3 +232,71 @@ def run(args: argparse.Namespace) -> int:
                                  ("method", "time_registration_s", "folds", "mean_dice",
                                   "mean_dice_affine_only")}) + "\n")
     return 0
+
+
+# --------------------------------------------------------------------------- batch (--pairs)
+
+
+def _workers(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
+    return v
+
+
+def add_batch_options(p: argparse.ArgumentParser) -> None:
+    """``--pairs`` and how the batch is spread: workers, shard, scheduler (also used by ``evaluate``)."""
+    g = p.add_argument_group("batch (--pairs; see 'avsm status')")
+    g.add_argument("--pairs", metavar="CSV",
+                   help="CSV of pairs to register, columns moving,fixed and optionally name, moving_labels, "
+                        "fixed_labels, label_mapping, fixed_mask, moving_mask (--label-mapping, --fixed-mask and "
+                        "--moving-mask fill empty cells); resumable: done pairs are skipped")
+    add_distribution_options(g)
+
+
+def add_distribution_options(g: argparse._ArgumentGroup | argparse.ArgumentParser) -> None:
+    """``--workers``, ``--shard``, ``--scheduler``."""
+    g.add_argument("--workers", type=_workers, default=None, metavar="N",
+                   help="pairs in parallel: local worker processes, or Dask workers with --scheduler dask "
+                        "(default 1; avsm register --device cuda: one per visible GPU, each pinned to its GPU). "
+                        "A worker killed mid-pair costs that pair one attempt (2 in all); the others go on")
+    g.add_argument("--shard", default=None, metavar="I/N",
+                   help="take pairs I, I+N, I+2N, ... (0 <= I < N); default from a SLURM job array "
+                        "(SLURM_ARRAY_TASK_ID of SLURM_ARRAY_TASK_COUNT) or torchrun (RANK of WORLD_SIZE). Shards "
+                        "never wait for each other; a lock per pair keeps two processes off the same pair")
+    g.add_argument("--scheduler", default="local", metavar="local|dask|ADDRESS",
+                   help="local (default): this process or local workers; dask: a local Dask cluster of --workers "
+                        "processes; ADDRESS (tcp://host:8786): an existing Dask cluster (pip install 'avsm[dask]')")
+
+
+def run_pairs(args: argparse.Namespace) -> int:
+    """``avsm register --pairs``: this shard's pairs; exit 1 when one of them failed (0 under torchrun)."""
+    import os
+
+    from avsm.batch import run_batch
+    from avsm.pipeline import register_pair
+
+    given = [o for o in ("fixed", "moving", "fixed_labels", "moving_labels") if getattr(args, o, None)]
+    if given:
+        raise AvsmError(f"--pairs takes the images and label maps from the CSV; drop "
+                        f"{', '.join('--' + o.replace('_', '-') for o in given)} (per-pair columns: moving, fixed, "
+                        "moving_labels, fixed_labels)", args.pairs)
+    opts = options_from_args(args)
+    rows = run_batch(args.pairs, args.out_dir, register_one=register_pair, workers=args.workers,
+                     shard=args.shard, scheduler=args.scheduler, threads=args.threads,
+                     label_mapping=args.label_mapping, progress=opts.pop("progress", True), **opts)
+    n = {s: sum(r.get("status") == s for r in rows) for s in ("done", "skipped", "failed", "busy")}
+    sys.stdout.write(f"{len(rows)} pairs: {n['done']} registered, {n['skipped']} already done, {n['failed']} failed"
+                     + (f", {n['busy']} being registered by another process" if n["busy"] else "")
+                     + f"; 'avsm status {args.out_dir}' lists every pair and writes the manifest\n")
+    for r in rows:
+        if r.get("status") == "failed":
+            sys.stdout.write(f"failed {r['name']}: {r.get('error')}\n")
+    if n["failed"] and os.environ.get("TORCHELASTIC_RUN_ID"):
+        # a non-zero exit would make torchrun stop the other ranks mid-pair
+        sys.stderr.write("avsm: some pairs failed (exit status 0 under torchrun so that the other ranks go on)\n")
+        return 0
+    return 1 if n["failed"] else 0

@@ -39,7 +39,9 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--val-per-volume", type=int, default=1)
     p.add_argument("--max-minutes", type=float, default=0.0, help="stop after this wall time (0: no limit)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=0)
+    from avsm.threads import add_threads_argument
+
+    add_threads_argument(p, per=" per process (under torchrun: the CPUs split between the local ranks)")
     p.add_argument("--model", default="{}", help="JSON of AVSMConfig fields for a fresh model")
     p.add_argument("--augmentation", default="{}", help="JSON of AugmentConfig fields")
     p.add_argument("--sources", default="",
@@ -93,7 +95,8 @@ def run(args: argparse.Namespace) -> int:
         lr_halve_every=args.lr_halve_every, seed=args.seed, augment=not args.no_augment,
         symmetric=not args.no_symmetric, single_step_epochs=args.single_step_epochs,
         init_from=args.init_from, resume=args.resume, val_per_volume=args.val_per_volume,
-        max_minutes=args.max_minutes, device=args.device, threads=args.threads,
+        max_minutes=args.max_minutes, device=args.device,
+        threads=_threads(args.threads),
         model=model_cfg, augmentation=aug_cfg, sources=sources, shared=args.shared, spacing=args.spacing,
         cache=args.cache, subjects_limit=args.subjects_limit, val_pairs=args.val_pairs, pose=pose_cfg,
         synth=synth_cfg, dice_weight=args.dice_weight, dice_labels=args.dice_labels,
@@ -122,3 +125,12 @@ def parse_sources(text: str) -> dict[str, float]:
         except ValueError as e:
             raise AvsmError(f"--sources: {item!r} is not NAME=WEIGHT") from e
     return out
+
+
+def _threads(threads: int | None) -> int:
+    """``--threads``, else the CPUs available split between torchrun's local ranks (``LOCAL_WORLD_SIZE``)."""
+    import os
+
+    from avsm.threads import resolve_threads
+
+    return resolve_threads(threads, workers=int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))

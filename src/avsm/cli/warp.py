@@ -12,7 +12,7 @@ applied first to a reference-space point), e.g.::
 A ``--transform`` item may be a transform file (``.mat``, ``.tfm``, ``.txt``,
 ``.h5``), a displacement-field image (LPS mm vectors), an ANTs spec
 ``[file,1]`` (inverted linear transform), an avsm/ANTs output prefix
-(``P`` with ``P0GenericAffine.mat`` ... next to it; ``--inverse`` picks the
+(``P`` with ``P0GenericAffine.mat`` ... or ``PComposite.h5`` next to it; ``--inverse`` picks the
 moving → fixed direction), or avsm's compact transform file ``P avsm.npz``
 (alone; ``--inverse`` or ``[file,1]`` for the inverse), whose maps are
 regenerated exactly from the stored velocities on the reference grid.
@@ -69,6 +69,9 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--inverse", action="store_true",
                    help="with an avsm prefix or compact avsm.npz: use the inverse (moving -> fixed) transform")
     p.add_argument("--default", type=float, default=0.0, help="value outside the moving image")
+    from avsm.threads import add_threads_argument
+
+    add_threads_argument(p)
     p.set_defaults(func=run)
 
 
@@ -203,6 +206,9 @@ def _warp_compact(vol: Volume, grid: Grid, item: tuple[str, bool], interp: str, 
 
 def run(args: argparse.Namespace) -> int:
     """``avsm warp`` entry point; returns 0 (errors raise :class:`AvsmError`)."""
+    from avsm.threads import apply_threads, resolve_threads
+
+    apply_threads(resolve_threads(getattr(args, "threads", None)))
     warp_file(args.moving, args.reference, args.transform, args.out, interp=args.interp,
               inverse=args.inverse, default=args.default)
     return 0

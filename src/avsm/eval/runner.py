@@ -1,26 +1,32 @@
 """The evaluation harness: every method on every pair, every metric by the same code.
 
-Work is split into *jobs*.  A job is one method on one pair and, for the
-inverse-consistency measure, the same two images registered the other way:
-when ``pairs.csv`` lists the reverse pair too, both rows come from one job (no
-extra work); otherwise the reverse registration is run only for the measure.
+Work is split into *jobs*.  A job is one method on one pair and, for the inverse-consistency
+measure, the same two images registered the other way: when ``pairs.csv`` lists the reverse
+pair too, both rows come from one job (no extra work); otherwise the reverse registration is
+run only for the measure.
 
-Each finished row is written at once to ``<out_dir>/rows/<method>__<pair>.json``
-(atomically), so an interrupted run resumes where it stopped and never
-recomputes a finished row.  With ``WORLD_SIZE`` > 1 (e.g. under ``torchrun``)
-rank ``r`` takes jobs ``r::WORLD_SIZE`` and rank 0 merges once every row
-exists (a gloo barrier when ``MASTER_ADDR`` is set, else by watching the row
-files).  The merge writes ``results.csv`` (one row per pair × method) and
-``summary.csv`` / ``summary.md`` (the paper's Table 1 layout).
+Every job is an :class:`avsm.jobs.Job` run by :func:`avsm.jobs.run_job`, the unit of work of
+``avsm register --pairs`` too: its fingerprint covers the contents of every input (images,
+label maps, label mapping, masks), the method and its options (spacing, ``--method-opts``)
+and the metric settings, so a changed input or option recomputes that job, and only that job.
+Its rows are written to ``<out_dir>/rows/<method>/<pair>/<pair>.json`` with ``done.json``
+last.  A job whose registration or metrics failed keeps its rows (status ``error``) but no
+``done.json``: it is tried again on the next run, and ``avsm evaluate`` exits with 1.
 
-Peak memory: with ``isolate=True`` (the default of ``avsm evaluate``) each job
-runs in a fresh Python subprocess and reports its peak resident set size
-(``VmHWM`` of ``/proc/self/status``; ``getrusage`` ``ru_maxrss`` elsewhere):
-interpreter, torch/ITK, images and both registrations; metrics are computed
-after the reading.  This sees torch's and ITK's native allocations, unlike
-``tracemalloc``.  (``ru_maxrss`` itself is not used on Linux because a child
-inherits its parent's peak at ``fork``.)  In-process runs report the same
-counter for the whole (shared) process, marked in ``memory_method``.
+Jobs run on this process's shard (``--shard I/N``, SLURM array, torchrun ranks; no barrier)
+in this process, in local worker processes (``--workers``; a fresh process per job with
+``isolate``, which is the default of ``avsm evaluate``) or on Dask (``--scheduler``).  A
+single shard then writes ``results.csv`` (one row per pair × method), ``summary.csv`` /
+``summary.md`` (the paper's Table 1 layout) and ``dice_boxplot.png``; with several shards,
+``avsm status OUT`` does (:func:`merge`).
+
+Dice: the labels present in both maps, or those the label mapping maps
+(:func:`avsm.labels.scored_labels`, the rule of ``avsm register`` too).
+
+Peak memory: with ``isolate=True`` each job runs in a fresh worker process and reports its
+peak resident set size (``VmHWM`` of ``/proc/self/status``; ``getrusage`` ``ru_maxrss``
+elsewhere): interpreter, torch/ITK, images and both registrations.  In-process runs report
+the same counter for the whole (shared) process, marked in ``memory_method``.
 """
 
 from __future__ import annotations
@@ -32,32 +38,35 @@ import math
 import os
 import re
 import resource
-import subprocess
+import shutil
 import sys
-import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 
+from avsm.batch import PairSpec, safe_name
 from avsm.errors import AvsmError
-from avsm.eval.pairs import Pair, read_label_mapping, reverse_index
+from avsm.eval.pairs import Pair, reverse_index
 from avsm.io.outputs import atomic_write_text
+from avsm.jobs import Job as UnitJob
+from avsm.jobs import JobContext, collect, plan_entry, settings_key
+from avsm.labels import read_label_mapping, scored_labels
 
 __all__ = [
     "EvalConfig",
+    "EvalWork",
     "Job",
     "ROW_FIELDS",
-    "plan_jobs",
-    "row_path",
-    "run_job",
+    "eval_jobs",
     "evaluate",
+    "evaluate_result",
     "merge",
+    "plan_jobs",
     "summarize",
     "summary_markdown",
-    "evaluate_result",
 ]
 
 log = logging.getLogger(__name__)
@@ -65,7 +74,7 @@ log = logging.getLogger(__name__)
 ROW_FIELDS = [
     "pair_id", "method", "status", "error", "moving", "fixed",
     "dice_mean", "dice_mean_affine_only", "hd95_mean", "folds", "fold_fraction", "sdlogj",
-    "inv_consistency", "time_s", "time_reverse_s", "peak_rss_mb", "rss_start_mb", "memory_method",
+    "inv_consistency", "time_s", "time_reverse_s", "peak_rss_mb", "rss_start_mb", "memory_method", "threads",
     "n_labels", "dice_per_label", "hd95_per_label", "eval_shape", "timings",
 ]
 
@@ -90,11 +99,14 @@ class EvalConfig:
         spacing: working-grid spacing (mm) passed to every method except the
             network ones (``None``: each method's default).
         method_opts: extra keyword arguments per method name.
-        isolate: run every job in a fresh subprocess (true peak memory).
-        threads: torch / ITK threads per job.
+        isolate: run every job in a fresh worker process (true peak memory per job).
+        threads: torch / ITK threads per job (``None``: the CPUs available split between
+            the workers).
         reference: method whose mean time is the denominator of ``time_ratio``.
-        qc: write QC figures per row to ``<out_dir>/qc/`` (pair panel and det J map).
+        qc: write QC figures per row (in the job folder, linked into ``<out_dir>/qc/``).
         label_mode: how moving labels are warped for Dice/HD95 (``label`` or ``nearest``).
+        workers: jobs in parallel (local worker processes, or Dask workers).
+        scheduler: ``local``, ``dask`` (a local Dask cluster) or a Dask scheduler address.
     """
 
     methods: list[str]
@@ -105,10 +117,12 @@ class EvalConfig:
     spacing: float | None = 2.0
     method_opts: dict[str, dict[str, Any]] = field(default_factory=dict)
     isolate: bool = True
-    threads: int = 2
+    threads: int | None = None
     reference: str = "ants-syn"
     qc: bool = False
     label_mode: str = "label"
+    workers: int = 1
+    scheduler: str = "local"
 
 
 @dataclass(frozen=True)
@@ -127,12 +141,7 @@ class Job:
 
 
 def _safe(s: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._+-]", "_", s)
-
-
-def row_path(out_dir: str, method: str, pair_id: str) -> str:
-    """Where the row of ``method`` on pair ``pair_id`` is stored."""
-    return os.path.join(out_dir, "rows", f"{_safe(method)}__{_safe(pair_id)}.json")
+    return re.sub(r"[^A-Za-z0-9._+-]", "_", s).strip(".") or "_"
 
 
 def plan_jobs(pairs: Sequence[Pair], methods: Sequence[str], consistency: bool = True) -> list[Job]:
@@ -155,10 +164,6 @@ def plan_jobs(pairs: Sequence[Pair], methods: Sequence[str], consistency: bool =
         for m in methods:
             jobs.append(Job(m, g, extra))
     return jobs
-
-
-def _job_done(job: Job, pairs: Sequence[Pair], out_dir: str) -> bool:
-    return all(os.path.exists(row_path(out_dir, job.method, pairs[i].pair_id)) for i in job.pairs)
 
 
 # --------------------------------------------------------------------------- metrics
@@ -196,9 +201,10 @@ def evaluate_result(
     ``label_mode``: how the moving labels are warped (``label``: per-label trilinear
     arg-max; ``nearest``: one interpolation, for maps with ~100 labels at 1 mm).
 
-    Dice/HD95 are computed on the fixed label map's grid with the warped moving
-    labels; det J (folds, SDlogJ) on the fixed image's own grid; the
-    inverse-consistency measure with ``backward`` (the reverse registration).
+    Dice/HD95 are computed on the fixed label map's grid with the warped moving labels,
+    over :func:`avsm.labels.scored_labels` (labels in both maps, or the mapped ones);
+    det J (folds, SDlogJ) on the fixed image's own grid; the inverse-consistency measure
+    with ``backward`` (the reverse registration).
 
     Returns:
         A dict with the metric fields of :data:`ROW_FIELDS`.
@@ -214,12 +220,13 @@ def evaluate_result(
         fl = load_image(pair.fixed_labels, label=True)
         ml = load_image(pair.moving_labels, label=True)
         mapping = read_label_mapping(pair.label_mapping) if pair.label_mapping else None
+        labels = scored_labels(fl.array, ml.array, mapping)
         if mapping:
-            labels = sorted(mapping)
             keep = np.isin(ml.array, np.asarray(sorted(set(mapping.values())), dtype=ml.array.dtype))
             ml = ml.with_array(np.where(keep, ml.array, 0).astype(ml.array.dtype))
-        else:
-            labels = sorted(int(v) for v in np.union1d(np.unique(fl.array), np.unique(ml.array)) if v != 0)
+        if not labels:
+            log.warning("%s and %s share no label: Dice is not defined (give a label mapping)",
+                        pair.fixed_labels, pair.moving_labels)
         warped = result.warp(ml, onto=fl.grid, mode=label_mode)
         dice = dice_per_label(warped.array, fl.array, labels=labels, mapping=mapping)
         out["dice_per_label"] = json.dumps({str(k): round(v, 6) for k, v in dice.items()})
@@ -247,7 +254,7 @@ def evaluate_result(
     return out
 
 
-# --------------------------------------------------------------------------- jobs
+# --------------------------------------------------------------------------- the job's work
 
 
 def _method_kwargs(method: str, cfg: EvalConfig) -> dict[str, Any]:
@@ -259,89 +266,110 @@ def _method_kwargs(method: str, cfg: EvalConfig) -> dict[str, Any]:
     return kw
 
 
-def _run(method: str, fixed: Any, moving: Any, cfg: EvalConfig) -> tuple[Any, float]:
-    from avsm.baselines.base import get_method, run_method
-
-    warm = getattr(sys.modules.get(getattr(get_method(method), "__module__", ""), None), "warmup", None)
-    if callable(warm):
-        warm()  # import heavy optional packages outside the timed region
-    t0 = time.perf_counter()
-    res = run_method(method, fixed, moving, **_method_kwargs(method, cfg))
-    return res, time.perf_counter() - t0
-
-
 def _error_text(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}".replace("\n", " ")[:500]
 
 
-def run_job(job: Job, pairs: Sequence[Pair], cfg: EvalConfig, *, memory_method: str | None = None) -> list[dict]:
-    """Run one job in this process and write its rows (also returned).
+@dataclass(frozen=True)
+class EvalWork:
+    """The work of one evaluation job (picklable): register, score, write one row file per pair.
 
-    Rows already written are left as they are (when a job reruns for its other row).
+    Attributes:
+        method: method name.
+        pairs: the pair, or the pair and its reverse.
+        extra_reverse: also register ``pairs[0]`` backwards for the consistency measure.
+        kwargs: the method's keyword arguments.
+        border, hd95, label_mode, qc: metric settings (see :class:`EvalConfig`).
+        fresh_process: the engine starts a fresh process per job (peak memory is the job's).
     """
-    from avsm.io.image import load_image
 
-    rss0 = _rss_mb()
-    memory_method = memory_method or "peak RSS of the shared evaluation process (not per method)"
-    ps = [pairs[i] for i in job.pairs]
-    results: list[Any] = []
-    times: list[float] = []
-    errors: list[str | None] = []
-    vols: dict[str, Any] = {}
+    method: str
+    pairs: tuple[PairSpec, ...]
+    extra_reverse: bool
+    kwargs: Mapping[str, Any]
+    border: int = 10
+    hd95: bool = True
+    label_mode: str = "label"
+    qc: bool = False
+    fresh_process: bool = False
 
-    def vol(p: str) -> Any:
-        if p not in vols:
-            vols[p] = load_image(p)
-        return vols[p]
+    def _run(self, fixed: Any, moving: Any) -> tuple[Any, float]:
+        from avsm.baselines.base import get_method, run_method
 
-    directions = [(p.fixed, p.moving) for p in ps]
-    if job.extra_reverse:
-        directions.append((ps[0].moving, ps[0].fixed))
-    for f, m in directions:
-        try:
-            r, t = _run(job.method, vol(f), vol(m), cfg)
-            results.append(r)
-            times.append(t)
-            errors.append(None)
-        except Exception as e:  # noqa: BLE001 - recorded in the row
-            log.warning("%s on %s <- %s failed: %s", job.method, f, m, _error_text(e))
-            results.append(None)
-            times.append(float("nan"))
-            errors.append(_error_text(e))
-    peak = _rss_mb()
-    rows = []
-    for k, p in enumerate(ps):
-        if os.path.exists(row_path(cfg.out_dir, job.method, p.pair_id)):
-            continue  # finished earlier (the job was rerun for its other row): never recompute
-        row: dict[str, Any] = {"pair_id": p.pair_id, "method": job.method, "moving": p.moving, "fixed": p.fixed,
-                               "time_s": times[k], "peak_rss_mb": peak, "rss_start_mb": rss0,
-                               "memory_method": memory_method}
-        back_k = (1 - k) if len(ps) == 2 else (1 if job.extra_reverse else None)
-        if back_k is not None:
-            row["time_reverse_s"] = times[back_k]
-        if results[k] is None:
-            row.update(status="error", error=errors[k])
-        else:
-            row["timings"] = json.dumps({a: round(float(b), 3) for a, b in results[k].timings.items()
-                                         if isinstance(b, (int, float))})
-            backward = results[back_k] if back_k is not None else None
+        warm = getattr(sys.modules.get(getattr(get_method(self.method), "__module__", ""), None), "warmup", None)
+        if callable(warm):
+            warm()  # import heavy optional packages outside the timed region
+        t0 = time.perf_counter()
+        res = run_method(self.method, fixed, moving, **dict(self.kwargs))
+        return res, time.perf_counter() - t0
+
+    def __call__(self, ctx: JobContext) -> dict[str, Any]:
+        from avsm.io.image import load_image
+
+        rss0 = _rss_mb()
+        isolated = ctx.isolated and self.fresh_process
+        memory_method = ("peak RSS (VmHWM) of a fresh subprocess per job (both directions)" if isolated
+                         else "peak RSS of the shared evaluation process (not per method)")
+        ps = list(self.pairs)
+        results: list[Any] = []
+        times: list[float] = []
+        errors: list[str | None] = []
+        vols: dict[str, Any] = {}
+
+        def vol(p: str) -> Any:
+            if p not in vols:
+                vols[p] = load_image(p)
+            return vols[p]
+
+        directions = [(p.fixed, p.moving) for p in ps]
+        if self.extra_reverse:
+            directions.append((ps[0].moving, ps[0].fixed))
+        for f, m in directions:
             try:
-                row.update(evaluate_result(results[k], p, backward=backward, border=cfg.border, hd95=cfg.hd95,
-                                           label_mode=cfg.label_mode))
-                row["status"] = "ok"
-                if cfg.qc:
-                    _qc_figures(results[k], p, vol(p.fixed), vol(p.moving), cfg.out_dir, job.method)
-                if back_k is not None and backward is None:
-                    row["error"] = f"reverse registration failed: {errors[back_k]}"
-            except Exception as e:  # noqa: BLE001
-                log.warning("metrics of %s on pair %s failed: %s", job.method, p.pair_id, _error_text(e))
-                row.update(status="error", error="metrics: " + _error_text(e))
-        write_row(cfg.out_dir, row)
-        rows.append(row)
-    return rows
+                r, t = self._run(vol(f), vol(m))
+                results.append(r)
+                times.append(t)
+                errors.append(None)
+            except Exception as e:  # noqa: BLE001 - recorded in the row
+                log.warning("%s on %s <- %s failed: %s", self.method, f, m, _error_text(e))
+                results.append(None)
+                times.append(float("nan"))
+                errors.append(_error_text(e))
+        peak = _rss_mb()
+        failed: list[str] = []
+        for k, p in enumerate(ps):
+            row: dict[str, Any] = {"pair_id": p.name, "method": self.method, "moving": p.moving, "fixed": p.fixed,
+                                   "time_s": times[k], "peak_rss_mb": peak, "rss_start_mb": rss0,
+                                   "memory_method": memory_method, "threads": ctx.threads}
+            back_k = (1 - k) if len(ps) == 2 else (1 if self.extra_reverse else None)
+            if back_k is not None:
+                row["time_reverse_s"] = times[back_k]
+            if results[k] is None:
+                row.update(status="error", error=errors[k])
+            else:
+                row["timings"] = json.dumps({a: round(float(b), 3) for a, b in results[k].timings.items()
+                                             if isinstance(b, (int, float))})
+                backward = results[back_k] if back_k is not None else None
+                try:
+                    row.update(evaluate_result(results[k], p, backward=backward, border=self.border,
+                                               hd95=self.hd95, label_mode=self.label_mode))
+                    row["status"] = "ok"
+                    if self.qc:
+                        _qc_figures(results[k], p, vol(p.fixed), vol(p.moving), ctx.dir, self.method)
+                    if back_k is not None and backward is None:
+                        row["error"] = f"reverse registration failed: {errors[back_k]}"
+                except Exception as e:  # noqa: BLE001
+                    log.warning("metrics of %s on pair %s failed: %s", self.method, p.name, _error_text(e))
+                    row.update(status="error", error="metrics: " + _error_text(e))
+            if row["status"] != "ok":
+                failed.append(f"{p.name}: {row['error']}")
+            _write_row(os.path.join(ctx.dir, f"{safe_name(p.name)}.json"), row, ctx.fingerprint)
+        if failed:
+            raise AvsmError(f"{self.method} failed on " + "; ".join(failed))
+        return {"method": self.method, "pairs": [p.name for p in ps]}
 
 
-def _qc_figures(result: Any, pair: Pair, fixed: Any, moving: Any, out_dir: str, method: str) -> None:
+def _qc_figures(result: Any, pair: Pair, fixed: Any, moving: Any, folder: str, method: str) -> None:
     """Pair panel and det J figure of one row (failures are logged, never fatal)."""
     try:
         from avsm.io.image import load_image
@@ -352,18 +380,11 @@ def _qc_figures(result: Any, pair: Pair, fixed: Any, moving: Any, out_dir: str, 
         if ml is not None and pair.label_mapping:
             vals = sorted(set(read_label_mapping(pair.label_mapping).values()))
             ml = ml.with_array(np.where(np.isin(ml.array, vals), ml.array, 0).astype(ml.array.dtype))
-        stem = os.path.join(out_dir, "qc", f"{_safe(method)}__{_safe(pair.pair_id)}")
-        pair_figure(fixed, moving, result, stem + "_pair.png", fl, ml, title=f"{method}: {pair.pair_id}")
+        stem = os.path.join(folder, f"{safe_name(pair.name)}")
+        pair_figure(fixed, moving, result, stem + "_pair.png", fl, ml, title=f"{method}: {pair.name}")
         jacobian_figure(result, stem + "_detj.png")
     except Exception as e:  # noqa: BLE001
-        log.warning("QC figures of %s on %s failed: %s", method, pair.pair_id, _error_text(e))
-
-
-def write_row(out_dir: str, row: dict[str, Any]) -> None:
-    """Atomically write a row's JSON file."""
-    path = row_path(out_dir, row["method"], row["pair_id"])
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    atomic_write_text(path, json.dumps({k: row.get(k) for k in ROW_FIELDS}, default=_json_default))
+        log.warning("QC figures of %s on %s failed: %s", method, pair.name, _error_text(e))
 
 
 def _json_default(o: Any) -> Any:
@@ -374,134 +395,146 @@ def _json_default(o: Any) -> Any:
     raise TypeError(type(o))
 
 
-def _run_isolated(job: Job, pairs: Sequence[Pair], cfg: EvalConfig) -> None:
-    """Run a job in a fresh subprocess (``python -m avsm.eval.worker``)."""
-    import avsm
+def _write_row(path: str, row: Mapping[str, Any], fp: str) -> None:
+    """Atomically write a row's JSON file, stamped with its job's fingerprint."""
+    doc = {k: row.get(k) for k in ROW_FIELDS}
+    doc["job_fingerprint"] = fp
+    atomic_write_text(path, json.dumps(doc, default=_json_default))
 
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    spec = {"job": asdict(job), "pairs": [p.to_dict() for p in pairs], "config": asdict(cfg)}
-    fd, spec_path = tempfile.mkstemp(prefix="job-", suffix=".json", dir=cfg.out_dir)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(spec, fh)
-    env = dict(os.environ)
-    src = os.path.dirname(os.path.dirname(os.path.abspath(avsm.__file__)))
-    env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", str(cfg.threads))
-    env.setdefault("OMP_NUM_THREADS", str(cfg.threads))
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    try:
-        proc = subprocess.run([sys.executable, "-m", "avsm.eval.worker", spec_path], env=env,
-                              capture_output=True, text=True, encoding="utf-8", errors="replace",
-                              check=False)
-    finally:
-        os.unlink(spec_path)
-    if proc.returncode != 0:
-        tail = (proc.stderr or "").strip().splitlines()[-3:]
-        msg = f"worker exited with code {proc.returncode}: {' | '.join(tail)}"
-        log.warning("%s: %s", job.method, msg)
-        for i in job.pairs:
-            p = pairs[i]
-            if not os.path.exists(row_path(cfg.out_dir, job.method, p.pair_id)):
-                write_row(cfg.out_dir, {"pair_id": p.pair_id, "method": job.method, "moving": p.moving,
-                                        "fixed": p.fixed, "status": "error", "error": msg[:500]})
+
+# --------------------------------------------------------------------------- jobs
+
+
+def eval_jobs(pairs: Sequence[Pair], cfg: EvalConfig) -> list[UnitJob]:
+    """The :class:`avsm.jobs.Job` of every method × pair group (see :func:`plan_jobs`).
+
+    Raises:
+        AvsmError: two pairs whose names give the same folder.
+    """
+    seen: dict[str, str] = {}
+    for p in pairs:
+        f = safe_name(p.name)
+        if f in seen and seen[f] != p.name:
+            raise AvsmError(f"pairs {seen[f]!r} and {p.name!r} would share the output folder {f!r}")
+        seen[f] = p.name
+    out = []
+    for ej in plan_jobs(pairs, cfg.methods, cfg.consistency):
+        ps = tuple(pairs[i] for i in ej.pairs)
+        kwargs = _method_kwargs(ej.method, cfg)
+        inputs = tuple((f"{k}.{role}", path) for k, p in enumerate(ps) for role, path in p.inputs.items())
+        key = settings_key(kind="evaluate", method=ej.method, pairs=[p.name for p in ps],
+                           extra_reverse=ej.extra_reverse, kwargs=kwargs, border=cfg.border, hd95=cfg.hd95,
+                           label_mode=cfg.label_mode, qc=cfg.qc, consistency=cfg.consistency)
+        work = EvalWork(ej.method, ps, ej.extra_reverse, kwargs, border=cfg.border, hd95=cfg.hd95,
+                        label_mode=cfg.label_mode, qc=cfg.qc,
+                        fresh_process=cfg.isolate and (cfg.scheduler or "local") == "local")
+        name = f"rows/{_safe(ej.method)}/{safe_name(ps[0].name)}"
+        out.append(UnitJob(name, inputs, work, key, {"method": ej.method, "pairs": [p.name for p in ps]}))
+    return out
 
 
 # --------------------------------------------------------------------------- driver
-
-
-def _rank_world() -> tuple[int, int]:
-    rank = int(os.environ.get("RANK", "0"))
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if not 0 <= rank < world:
-        raise AvsmError(f"bad RANK={rank} / WORLD_SIZE={world}")
-    return rank, world
 
 
 def evaluate(
     pairs: Sequence[Pair],
     cfg: EvalConfig,
     *,
+    shard: Any = None,
     rank: int | None = None,
     world: int | None = None,
-    wait_timeout: float = 7 * 24 * 3600.0,
     progress: bool = True,
 ) -> list[dict[str, Any]] | None:
-    """Run (this rank's share of) the evaluation, then merge on rank 0.
+    """Run this shard's evaluation jobs; with a single shard, merge and return every row.
 
     Args:
         pairs: the pairs (see :func:`avsm.eval.pairs.read_pairs`).
         cfg: settings.
-        rank, world: shard (default from ``RANK`` / ``WORLD_SIZE``).
-        wait_timeout: seconds rank 0 waits for the other ranks' rows.
-        progress: a tqdm bar over this rank's jobs.
+        shard: ``"I/N"`` or a :class:`avsm.executors.Shard` (default: ``rank``/``world``,
+            else the SLURM array / torchrun environment, else everything).
+        rank, world: the shard as two numbers (``evaluate(..., rank=0, world=1)``: everything).
+        progress: a progress bar over this shard's jobs.
 
     Returns:
-        The merged rows on rank 0, ``None`` on other ranks.
+        The merged rows (every pair × method) with a single shard, ``None`` otherwise
+        (``avsm status OUT`` merges the shards).
+
+    Raises:
+        AvsmError: bad shard, unreachable scheduler, colliding pair names.
     """
-    if rank is None or world is None:
-        rank, world = _rank_world()
+    from tqdm.auto import tqdm
+
+    from avsm.executors import Shard, resolve_shard, run_jobs
+    from avsm.jobs import STATE_DIR, new_run_id, write_plan
+    from avsm.threads import resolve_threads
+
+    if shard is None and (rank is not None or world is not None):
+        shard = Shard(int(rank or 0), int(world or 1), "rank/world")
+    the_shard = resolve_shard(shard)
     os.makedirs(os.path.join(cfg.out_dir, "rows"), exist_ok=True)
-    jobs = plan_jobs(pairs, cfg.methods, cfg.consistency)
-    mine = jobs[rank::world]
-    todo = [j for j in mine if not _job_done(j, pairs, cfg.out_dir)]
-    log.info("rank %d/%d: %d jobs, %d already done", rank, world, len(mine), len(mine) - len(todo))
-    if not cfg.isolate:
-        import torch
-
-        torch.set_num_threads(cfg.threads)
-    from tqdm import tqdm
-
-    for job in tqdm(todo, desc=f"evaluate[rank {rank}]", disable=not progress):
-        if cfg.isolate:
-            _run_isolated(job, pairs, cfg)
-        else:
-            run_job(job, pairs, cfg)
-    dist = _maybe_barrier(world)
-    if rank != 0:
+    jobs = eval_jobs(pairs, cfg)
+    write_plan(cfg.out_dir, "evaluate", jobs, {"eval_config": asdict(cfg),
+                                               "pairs": [p.to_dict() for p in pairs]})
+    mine = the_shard.select(jobs)
+    workers = max(1, int(cfg.workers))
+    remote = cfg.scheduler not in ("local", "dask", "", None)
+    threads = cfg.threads if (remote and cfg.threads is None) else resolve_threads(
+        cfg.threads, min(workers, max(1, len(mine))))
+    log.info("evaluate: %d of %d jobs on shard %s (%s), %d worker(s), %s threads each", len(mine), len(jobs),
+             the_shard, the_shard.source, workers, threads)
+    bar = tqdm(total=len(mine), desc="evaluate" + ("" if the_shard.count == 1 else f" shard {the_shard}"),
+               disable=not progress, unit="job")
+    try:
+        records = run_jobs(mine, cfg.out_dir, scheduler=cfg.scheduler or "local", workers=workers, threads=threads,
+                           recycle=cfg.isolate and (cfg.scheduler or "local") == "local", run_id=new_run_id(),
+                           on_result=lambda rec: bar.update(1))
+    finally:
+        bar.close()
+    n_failed = sum(r["status"] == "failed" for r in records.values())
+    log.info("evaluate shard %s: %d jobs, %d failed", the_shard, len(records), n_failed)
+    if the_shard.count > 1:
+        path = os.path.join(cfg.out_dir, STATE_DIR, "shards", f"{the_shard.index}-of-{the_shard.count}.json")
+        atomic_write_text(path, json.dumps({"shard": str(the_shard), "records": list(records.values())},
+                                           default=str))
         return None
-    if not dist:
-        _wait_for_rows(jobs, pairs, cfg.out_dir, wait_timeout)
     return merge(pairs, cfg)
-
-
-def _maybe_barrier(world: int) -> bool:
-    """A gloo barrier when launched by torchrun (``MASTER_ADDR`` set); returns whether it ran."""
-    if world <= 1 or "MASTER_ADDR" not in os.environ:
-        return False
-    import datetime
-
-    import torch.distributed as dist
-
-    own = not dist.is_initialized()
-    if own:
-        dist.init_process_group("gloo", timeout=datetime.timedelta(days=7))
-    dist.barrier()
-    if own:
-        dist.destroy_process_group()
-    return True
-
-
-def _wait_for_rows(jobs: Sequence[Job], pairs: Sequence[Pair], out_dir: str, timeout: float) -> None:
-    t0 = time.monotonic()
-    while not all(_job_done(j, pairs, out_dir) for j in jobs):
-        if time.monotonic() - t0 > timeout:
-            raise AvsmError(f"timed out waiting for other ranks' rows in {out_dir}")
-        time.sleep(0.5)
 
 
 # --------------------------------------------------------------------------- merge and summary
 
 
-def _read_rows(pairs: Sequence[Pair], methods: Sequence[str], out_dir: str) -> list[dict[str, Any]]:
-    rows = []
-    for p in pairs:
-        for m in methods:
-            path = row_path(out_dir, m, p.pair_id)
-            if os.path.exists(path):
-                with open(path) as fh:
-                    rows.append(json.load(fh))
-    return rows
+def _read_json(path: str) -> dict[str, Any] | None:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            d = json.load(fh)
+        return d if isinstance(d, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def collect_rows(pairs: Sequence[Pair], cfg: EvalConfig, *, verify: str = "quick"
+                 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Rows of every pair × method (pair-major) and the job states, from the job folders.
+
+    A row comes from its job's folder when it carries the job's current fingerprint (a
+    finished job, or the ``error`` rows of a failed one); otherwise it says why it is
+    missing (``status`` ``error``, ``running`` or ``missing``).
+    """
+    jobs = eval_jobs(pairs, cfg)
+    states = collect(cfg.out_dir, [plan_entry(j) for j in jobs], verify=verify)
+    by_key: dict[tuple[str, str], dict[str, Any]] = {}
+    for job, st in zip(jobs, states):
+        work: EvalWork = job.work  # type: ignore[assignment]
+        for p in work.pairs:
+            row = _read_json(os.path.join(st["out_dir"], f"{safe_name(p.name)}.json"))
+            if row is None or not st.get("fingerprint") or row.get("job_fingerprint") != st["fingerprint"]:
+                status = {"failed": "error"}.get(st["status"], st["status"])
+                row = {"pair_id": p.name, "method": work.method, "moving": p.moving, "fixed": p.fixed,
+                       "status": status if status != "done" else "error",
+                       "error": st.get("error") or ("not run yet" if status == "missing" else status)}
+            by_key[(p.name, work.method)] = row
+    rows = [by_key[(p.name, m)] for p in pairs for m in cfg.methods if (p.name, m) in by_key]
+    return rows, states
 
 
 def _fmt(v: Any) -> Any:
@@ -512,9 +545,29 @@ def _fmt(v: Any) -> Any:
     return v
 
 
-def merge(pairs: Sequence[Pair], cfg: EvalConfig) -> list[dict[str, Any]]:
-    """Write ``results.csv``, ``summary.csv`` and ``summary.md`` from the row files; return the rows."""
-    rows = _read_rows(pairs, cfg.methods, cfg.out_dir)
+def _link_qc(out_dir: str, rows: Sequence[Mapping[str, Any]], states: Sequence[Mapping[str, Any]]) -> None:
+    """Gather the QC figures of finished jobs into ``<out_dir>/qc/<method>__<pair>_*.png`` (hard links)."""
+    qc = os.path.join(out_dir, "qc")
+    for st in states:
+        folder = st["out_dir"]
+        if not os.path.isdir(folder):
+            continue
+        method = _safe(str(st.get("method", "")))
+        for f in sorted(os.listdir(folder)):
+            if f.endswith(("_pair.png", "_detj.png")):
+                os.makedirs(qc, exist_ok=True)
+                dst = os.path.join(qc, f"{method}__{f}")
+                try:
+                    if os.path.exists(dst):
+                        os.unlink(dst)
+                    os.link(os.path.join(folder, f), dst)
+                except OSError:
+                    shutil.copyfile(os.path.join(folder, f), dst)
+
+
+def merge(pairs: Sequence[Pair], cfg: EvalConfig, *, verify: str = "quick") -> list[dict[str, Any]]:
+    """Write ``results.csv``, ``summary.csv``, ``summary.md`` and the Dice box plot; return the rows."""
+    rows, states = collect_rows(pairs, cfg, verify=verify)
     lines = [ROW_FIELDS]
     for r in rows:
         lines.append([_fmt(r.get(k)) for k in ROW_FIELDS])
@@ -523,6 +576,8 @@ def merge(pairs: Sequence[Pair], cfg: EvalConfig) -> list[dict[str, Any]]:
     atomic_write_text(os.path.join(cfg.out_dir, "summary.csv"),
                       _csv_text([SUMMARY_FIELDS] + [[_fmt(s.get(k)) for k in SUMMARY_FIELDS] for s in summ]))
     atomic_write_text(os.path.join(cfg.out_dir, "summary.md"), summary_markdown(summ, cfg.reference))
+    if cfg.qc:
+        _link_qc(cfg.out_dir, rows, states)
     try:
         from avsm.viz.qc import dice_boxplot
 
@@ -531,6 +586,13 @@ def merge(pairs: Sequence[Pair], cfg: EvalConfig) -> list[dict[str, Any]]:
     except Exception as e:  # noqa: BLE001
         log.warning("Dice box plot failed: %s", _error_text(e))
     return rows
+
+
+def config_from_plan(plan: Mapping[str, Any]) -> tuple[list[PairSpec], EvalConfig]:
+    """The pairs and settings an ``evaluate`` plan was made with (for ``avsm status``)."""
+    cfg = EvalConfig(**plan["eval_config"])
+    pairs = [PairSpec(**p) for p in plan["pairs"]]
+    return pairs, cfg
 
 
 def _csv_text(lines: list[list[Any]]) -> str:

@@ -46,6 +46,8 @@ import torch.nn.functional as F
 from torch import nn
 
 EPS = 1e-5
+#: Σw of a masked window below which it counts as empty (a thousandth of one voxel's weight)
+MIN_WEIGHT = 1e-3
 
 
 @dataclass(frozen=True)
@@ -169,8 +171,9 @@ def lncc_map(I: torch.Tensor, J: torch.Tensor, win: Window, box: BoxSum = _box_s
     sI, sJ = box(I, win), box(J, win)
     sII, sJJ, sIJ = box(I * I, win), box(J * J, win), box(I * J, win)
     cross = sIJ - sI * sJ / n
-    var_i = sII - sI * sI / n
-    var_j = sJJ - sJ * sJ / n
+    # variances cannot be negative; rounding of the box sums (cumulative sums) can make them so
+    var_i = (sII - sI * sI / n).clamp_min(0.0)
+    var_j = (sJJ - sJ * sJ / n).clamp_min(0.0)
     return cross * cross / (var_i * var_j + EPS)
 
 
@@ -197,12 +200,16 @@ def masked_lncc_map(
     # one box-sum call on the six stacked quantities
     stacked = torch.cat([w, wI, wJ, wI * I, wJ * J, wI * J], dim=0)
     sw, sI, sJ, sII, sJJ, sIJ = box(stacked, win).chunk(6, dim=0)
-    # where Σw = 0 every weighted sum is 0 too, so the clamp only avoids 0/0
-    inv = 1.0 / sw.clamp_min(torch.finfo(sw.dtype).tiny)
+    # where Σw = 0 every weighted sum is 0 too; cumulative-sum box sums leave rounding residue
+    # there (|Σw| ~ 1e-6), so windows with less than MIN_WEIGHT of a voxel's weight count as empty
+    empty = sw <= MIN_WEIGHT
+    sw = sw.masked_fill(empty, 0.0)
+    inv = torch.where(empty, torch.zeros_like(sw), 1.0 / sw.clamp_min(MIN_WEIGHT))
     cross = sIJ - sI * sJ * inv
-    var_i = sII - sI * sI * inv
-    var_j = sJJ - sJ * sJ * inv
-    return cross * cross / (var_i * var_j + EPS), sw
+    var_i = (sII - sI * sI * inv).clamp_min(0.0)
+    var_j = (sJJ - sJ * sJ * inv).clamp_min(0.0)
+    lncc = cross * cross / (var_i * var_j + EPS)
+    return lncc.masked_fill(empty, 0.0), sw
 
 
 class MKLNCC(nn.Module):

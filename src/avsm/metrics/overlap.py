@@ -3,7 +3,7 @@ and the labels two maps have in common."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -33,14 +33,48 @@ def dice_per_label(
         if mapping is None:
             present |= set(np.unique(pred).tolist())
         labels = sorted(v for v in present if v != 0)
+    pairs = [(int(t), mapping.get(int(t), int(t)) if mapping else int(t)) for t in labels]
+    counts = _joint_counts(pred, truth) if pairs else None
     out: dict[int, float] = {}
-    for t in labels:
-        p = mapping.get(int(t), int(t)) if mapping else int(t)
-        a = pred == p
-        b = truth == t
-        denom = int(a.sum()) + int(b.sum())
-        out[int(t)] = float(2.0 * np.logical_and(a, b).sum() / denom) if denom else float("nan")
+    for t, p in pairs:
+        if counts is not None:
+            n_p, n_t, both = counts(p, t)
+        else:
+            a = pred == p
+            b = truth == t
+            n_p, n_t, both = int(a.sum()), int(b.sum()), int(np.logical_and(a, b).sum())
+        denom = n_p + n_t
+        out[t] = float(2.0 * both / denom) if denom else float("nan")
     return out
+
+
+def _joint_counts(pred: np.ndarray, truth: np.ndarray) -> Callable[[int, int], tuple[int, int, int]] | None:
+    """``(p, t) -> (|pred == p|, |truth == t|, |pred == p and truth == t|)`` from one joint histogram.
+
+    One pass over the voxels for all labels (instead of three per label); ``None`` when the
+    arrays are not integer or their value ranges are too wide for a dense histogram.
+    """
+    if not (np.issubdtype(pred.dtype, np.integer) and np.issubdtype(truth.dtype, np.integer)) or pred.size == 0:
+        return None
+    lo_p, hi_p, lo_t, hi_t = int(pred.min()), int(pred.max()), int(truth.min()), int(truth.max())
+    n_p, n_t = hi_p - lo_p + 1, hi_t - lo_t + 1
+    if n_p * n_t > 1 << 25:
+        return None
+    code = pred.reshape(-1).astype(np.int64)
+    code -= lo_p
+    code *= n_t
+    code += truth.reshape(-1)
+    code -= lo_t
+    joint = np.bincount(code, minlength=n_p * n_t).reshape(n_p, n_t)
+    rows, cols = joint.sum(1), joint.sum(0)
+
+    def counts(p: int, t: int) -> tuple[int, int, int]:
+        ip, it = p - lo_p, t - lo_t
+        a = int(rows[ip]) if 0 <= ip < n_p else 0
+        b = int(cols[it]) if 0 <= it < n_t else 0
+        return a, b, (int(joint[ip, it]) if a and b else 0)
+
+    return counts
 
 
 def shared_labels(

@@ -135,8 +135,10 @@ def build_similarity(name: str, lncc_windows: Sequence[int] = ()) -> torch.nn.Mo
     """The similarity loss of a config: by name, with mk-LNCC windows of the given sizes (voxels)."""
     if name == "lncc" and lncc_windows:
         n = len(lncc_windows)
+        # dense small windows: box sums by cumulative sums (about 10x faster than the strided
+        # conv at stride 1 on a 128x128x80 grid, forward and backward; benchmarks/profile_opt.py)
         return MKLNCC(windows=[Window(size=int(k), weight=1.0 / n, dilation=1, stride=max(1, int(k) // 4))
-                               for k in lncc_windows])
+                               for k in lncc_windows], box="cumsum")
     return similarity_loss(name)
 
 

@@ -1,0 +1,106 @@
+"""The native preset: the image's own working grid, its defaults, and a known deformation recovered."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from avsm.api import register
+from avsm.cli.main import build_parser
+from avsm.cli.register import settings_from_args
+from avsm.errors import AvsmError
+from avsm.io.image import Volume
+from avsm.losses.lncc import MKLNCC
+from avsm.optim.vsvf_opt import build_similarity
+from avsm.settings import DEFAULT_PRESET, NATIVE_FLOOR_MM, PRESETS, preset
+
+DATA = Path(__file__).parent / "data"
+
+
+def _resampled(spacing: float) -> sitk.Image:
+    """The 4 mm Colin27 test brain on a finer grid over the same box."""
+    img = sitk.ReadImage(str(DATA / "colin_4mm.nii.gz"), sitk.sitkFloat32)
+    size = [int(round(n * s / spacing)) for n, s in zip(img.GetSize(), img.GetSpacing())]
+    ref = sitk.Image(size, sitk.sitkFloat32)
+    ref.SetSpacing((spacing,) * 3)
+    ref.SetOrigin(img.GetOrigin())
+    ref.SetDirection(img.GetDirection())
+    return sitk.Resample(img, ref, sitk.Transform(), sitk.sitkBSpline, 0.0)
+
+
+def test_native_preset_and_the_default() -> None:
+    s = preset("native")
+    assert DEFAULT_PRESET == "native" and "native" in PRESETS
+    assert s.spacing == "native" and s.vsvf.lncc_windows and min(s.vsvf.sigmas) < min(preset("fast").vsvf.sigmas)
+    assert preset("fast").spacing is None  # the fast preset keeps its 2 mm working grid
+    assert s.replace(spacing="1.5").spacing == 1.5 and s.replace(spacing=2.0).spacing == 2.0
+    with pytest.raises(AvsmError):
+        s.replace(spacing="fine")
+    args = build_parser().parse_args(["register", "--fixed", "f.nii.gz", "--moving", "m.nii.gz", "--out-dir", "o"])
+    cli = settings_from_args(args)
+    assert cli.preset == "native" and cli.spacing == "native"  # the CLI's default is the preset's grid
+    args = build_parser().parse_args(["register", "--fixed", "f", "--moving", "m", "--out-dir", "o",
+                                      "--spacing", "3", "--preset", "fast"])
+    assert settings_from_args(args).spacing == 3.0
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["register", "--fixed", "f", "--moving", "m", "--out-dir", "o", "--spacing", "x"])
+
+
+@pytest.mark.parametrize("spacing,expected", [(2.0, 2.0), (0.8, NATIVE_FLOOR_MM)])
+def test_native_working_grid_is_the_images_own(spacing: float, expected: float) -> None:
+    img = _resampled(spacing)
+    vol = Volume.from_sitk(img)
+    res = register(fixed=vol, moving=vol, settings=preset("native", method="affine",
+                                                           linear=preset("native").linear.__class__(
+                                                               scales=(0.25,), iterations=(1,))),
+                   progress=False)
+    # sizes are rounded to multiples of 16 over the same box, so the spacing moves by a few %
+    assert np.allclose(res.fixed_grid.spacing, expected, rtol=0.06), res.fixed_grid.spacing
+
+
+def test_cumsum_windows_equal_the_conv_box_sums() -> None:
+    """The explicit-window similarity (cumulative-sum box sums) equals the conv box sums."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.rand(1, 1, 24, 28, 20, generator=g), torch.rand(1, 1, 24, 28, 20, generator=g)
+    b = 0.5 * a + 0.5 * b
+    sim = build_similarity("lncc", (5, 9))
+    assert isinstance(sim, MKLNCC) and sim.box == "cumsum"
+    ref = MKLNCC(windows=sim.windows, box="conv")
+    assert torch.allclose(sim(a, b), ref(a, b), atol=1e-5)
+
+
+def test_native_recovers_a_known_smooth_deformation() -> None:
+    """A known smooth warp (up to ~4 mm) of a real 2 mm brain is recovered to < 35 % of its size."""
+    fixed = _resampled(2.0)
+    size = fixed.GetSize()
+    # displacement field (LPS mm) on the fixed grid: two smooth bumps
+    arr = sitk.GetArrayFromImage(fixed)
+    zz, yy, xx = np.meshgrid(*[np.linspace(-1, 1, n) for n in arr.shape], indexing="ij")
+    disp = np.zeros(arr.shape + (3,))
+    disp[..., 0] = 4.0 * np.exp(-((xx - 0.2) ** 2 + yy ** 2 + zz ** 2) / 0.15)
+    disp[..., 1] = -3.0 * np.exp(-((xx + 0.3) ** 2 + (yy - 0.2) ** 2 + zz ** 2) / 0.12)
+    field = sitk.GetImageFromArray(disp, isVector=True)
+    field.CopyInformation(fixed)
+    T = sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))
+    moving = sitk.Resample(fixed, fixed, T, sitk.sitkBSpline, 0.0)  # moving(x) = fixed(T(x))
+    res = register(fixed=Volume.from_sitk(fixed), moving=Volume.from_sitk(moving),
+                   settings=preset("native", method="opt"), progress=False)
+    assert np.allclose(res.fixed_grid.spacing, 2.0, rtol=0.06)
+    wm = res.world_map()[0].numpy().reshape(3, -1).T
+    idx = np.argwhere(arr > 0.2 * arr.max())[::5]
+    pts = np.array([fixed.TransformIndexToPhysicalPoint(tuple(int(v) for v in i[::-1])) for i in idx])
+    # moving = fixed ∘ T, so the registration's map x -> φ(x) must satisfy T(φ(x)) = x: φ = T⁻¹
+    Tinv = sitk.DisplacementFieldTransform(sitk.InvertDisplacementField(
+        sitk.Cast(field, sitk.sitkVectorFloat64), maximumNumberOfIterations=50))
+    truth = np.array([Tinv.TransformPoint(tuple(p)) for p in pts])
+    flat = np.ravel_multi_index(idx.T, arr.shape)
+    before = np.linalg.norm(pts - truth, axis=1)
+    err = np.linalg.norm(wm[flat] - truth, axis=1)
+    big = before > 1.0
+    assert big.sum() > 100
+    assert err[big].mean() < 0.35 * before[big].mean(), (err[big].mean(), before[big].mean())
+    assert res.folds() == 0
