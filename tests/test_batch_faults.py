@@ -141,7 +141,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, capsys: pytest.Capture
 
     csv_path = make_pairs(tmp_path / "in", ["p0", "p1"])
     base = ["register", "--pairs", str(csv_path), "--out-dir", str(tmp_path / "out")]
-    import dask
+    dask = pytest.importorskip("dask")
 
     cases = [
         (["--shard", "2/2"], "invalid --shard '2/2'"),

@@ -16,7 +16,7 @@ from avsm.errors import AvsmError
 from avsm.io.image import Volume
 from avsm.losses.lncc import MKLNCC
 from avsm.optim.vsvf_opt import build_similarity
-from avsm.settings import DEFAULT_PRESET, NATIVE_FLOOR_MM, PRESETS, preset
+from avsm.settings import DEFAULT_PRESET, NATIVE_FLOOR_MM, PRESETS, at_spacing, preset
 
 DATA = Path(__file__).parent / "data"
 
@@ -48,6 +48,16 @@ def test_native_preset_and_the_default() -> None:
     assert settings_from_args(args).spacing == 3.0
     with pytest.raises(SystemExit):
         build_parser().parse_args(["register", "--fixed", "f", "--moving", "m", "--out-dir", "o", "--spacing", "x"])
+
+
+def test_native_levels_are_millimetres() -> None:
+    """On a grid coarser than 1 mm the native preset keeps its 4 and 2 mm levels, never finer than the grid."""
+    v = preset("native").vsvf
+    assert at_spacing(v, 1.0).scales == v.scales == (0.25, 0.5)
+    assert at_spacing(v, 2.0).scales == (0.5, 1.0)
+    assert at_spacing(v, 2.5).scales == (0.625, 1.0)
+    assert at_spacing(v, 8.0).scales == (1.0, 1.0)
+    assert at_spacing(preset("native").affine, 2.0).iterations == preset("native").affine.iterations
 
 
 @pytest.mark.parametrize("spacing,expected", [(2.0, 2.0), (0.8, NATIVE_FLOOR_MM)])

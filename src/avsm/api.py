@@ -115,7 +115,7 @@ _NETWORK_KEYS = ("affine_steps", "vsvf_steps")
 
 
 def resolve_settings(settings: RegistrationSettings | None = None, **overrides: Any) -> RegistrationSettings:
-    """The settings of a call: ``settings`` (default: the ``fast`` preset) with keyword overrides.
+    """The settings of a call: ``settings`` (default: the ``native`` preset, :data:`avsm.settings.DEFAULT_PRESET`) with keyword overrides.
 
     Overrides are fields of :class:`RegistrationSettings`, plus ``affine_config`` /
     ``vsvf_config`` (stage configs; for ``net+opt`` the latter is the refinement),
@@ -262,7 +262,8 @@ def register(
     Args:
         fixed, moving: intensity volumes (any geometry; see :func:`avsm.io.load_image`).
         settings: all options (:class:`avsm.settings.RegistrationSettings`); default the
-            ``fast`` preset with ``method='auto'`` (see :func:`choose_method`).
+            ``native`` preset (:data:`avsm.settings.DEFAULT_PRESET`) with ``method='auto'`` (see
+            :func:`choose_method`).
         fixed_mask, moving_mask: 0/1 masks on the images' own grids (see
             :func:`avsm.io.masks.load_mask`); the similarity ignores voxels outside them
             (as ``antsRegistration -x``).  The network ignores masks (its refinement in
@@ -303,6 +304,10 @@ def register(
                       vsvf=at_spacing(s.vsvf, spacing))
     elif spacing == "native":
         spacing = None  # an explicit shape wins
+    elif s.preset == "native" and isinstance(spacing, (int, float)) and method in ("affine", "opt"):
+        # --spacing with the native preset: the same millimetre levels on that grid
+        s = s.replace(affine=at_spacing(s.affine, spacing), linear=at_spacing(s.linear, spacing),
+                      vsvf=at_spacing(s.vsvf, spacing))
     if spacing is None and shape is None:
         spacing = max(2.0, min(fixed.grid.spacing))  # never upsample a coarse image
     info["modality"] = {"fixed": modalities[0], "moving": modalities[1]}

@@ -429,6 +429,8 @@ class JobLock:
                 fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 holder = _read_json(path)
+                if holder is None and not os.path.exists(path):
+                    continue  # released between the create and the read: try the create again
                 if not _lock_stale(path, holder, run_id, timeout_s):
                     return None, holder or {"host": "?", "pid": 0}
                 if _break_lock(path, holder):
@@ -462,6 +464,11 @@ class JobLock:
             except OSError:
                 pass
 
+    def still_held(self) -> bool:
+        """Whether the lock file is still this process's (not taken over as stale meanwhile)."""
+        cur = _read_json(self.path)
+        return cur is not None and cur.get("token") == self.info["token"]
+
     def release(self) -> None:
         """Stop refreshing and remove the lock file (only if it is still this process's)."""
         self._stop.set()
@@ -494,14 +501,14 @@ def _lock_stale(path: str, holder: Mapping[str, Any] | None, run_id: str | None,
     try:
         age = time.time() - os.stat(path).st_mtime
     except FileNotFoundError:
-        return True  # released meanwhile: try again
+        return False  # released meanwhile: the caller retries the exclusive create, breaking nothing
     if holder is None:
         return age > 60.0  # being written right now, or its writer died before writing it
-    if holder.get("host") == _HOST and not pid_alive(int(holder.get("pid") or 0), holder.get("start")):
-        return True
-    if run_id is not None and holder.get("run_id") == run_id and not (
-            holder.get("host") == _HOST and int(holder.get("pid") or 0) == os.getpid()):
-        return True  # an earlier attempt of this very job in this run (its worker died)
+    if holder.get("host") == _HOST:
+        # on this host the holder's pid (and start time) settle it: a live holder is never stale
+        return not pid_alive(int(holder.get("pid") or 0), holder.get("start")) or age > timeout_s
+    if run_id is not None and holder.get("run_id") == run_id:
+        return True  # an earlier attempt of this very job in this run on another host (its worker died)
     return age > timeout_s
 
 
@@ -736,6 +743,9 @@ def run_job(job: Job, root: str, *, threads: int | None = None, attempt: int = 1
                         "inputs": stamps, "files": files, "summary": _json_safe(dict(summary or {})),
                         "meta": _json_safe(dict(job.meta)), "seconds": seconds, "attempts": attempts,
                         "threads": threads, "host": _HOST, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            if not lock.still_held():
+                raise AvsmError("the pair's lock was taken over by another process while it ran; "
+                                "that process owns the pair now", lock.path)
             # written last, atomically: its presence means every file above is complete
             atomic_write_text(os.path.join(folder, DONE_NAME), json.dumps(done_rec, indent=1))
             _clear_failure(root, job.name)

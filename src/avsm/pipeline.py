@@ -182,7 +182,7 @@ def register_pair(
         fixed, moving: image files (NIfTI, NRRD, MHA) or DICOM series folders.
         out_dir: output folder.
         settings: how to register (:class:`avsm.settings.RegistrationSettings`;
-            default: the ``fast`` preset, ``method='auto'``).
+            default: the ``native`` preset, ``method='auto'``).
         outputs: which transform formats and figures to write.
         moving_labels, fixed_labels: label maps on the images' grids (warped / scored).
         label_mapping: ``fixed_label,moving_label`` CSV (or mapping) when protocols differ.

@@ -7,8 +7,9 @@ travels as one object from the CLI through the pipeline to the core:
   grid, device, and the settings of each stage (:class:`AffineOptConfig`,
   :class:`VSVFOptConfig` for ``opt`` and for the refinement of ``net+opt``,
   :class:`NetworkSettings`);
-* :func:`preset` builds the settings of a named preset (:data:`PRESETS`; ``fast``
-  is the default); :meth:`RegistrationSettings.replace` overrides fields with
+* :func:`preset` builds the settings of a named preset (:data:`PRESETS`; ``native``,
+  :data:`DEFAULT_PRESET`, is the default of ``avsm register`` and :func:`avsm.register`; the
+  fields' own defaults are the ``fast`` preset's); :meth:`RegistrationSettings.replace` overrides fields with
   validation; :func:`describe_preset` says what a preset's stages run, read from
   its settings (the presets listed at the end of this docstring, in
   ``avsm register --help`` and in the README are generated from it).

@@ -149,13 +149,18 @@ def default_threads(workers: int = 1) -> int:
 
 
 def resolve_threads(threads: int | None, workers: int = 1) -> int:
-    """``threads`` when given (validated), else :func:`default_threads` ``(workers)``.
+    """``threads`` when given (validated), else :func:`default_threads` ``(workers)``, the CPUs also
+    split between torchrun's local ranks (``LOCAL_WORLD_SIZE``) when running under it.
 
     Raises:
         AvsmError: ``threads`` below 1.
     """
     if threads is None:
-        return default_threads(workers)
+        try:
+            local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+        except ValueError:
+            local_ranks = 1
+        return default_threads(max(1, int(workers)) * local_ranks)
     if int(threads) < 1:
         raise AvsmError(f"--threads must be at least 1, got {threads}")
     return int(threads)

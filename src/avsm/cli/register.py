@@ -24,7 +24,7 @@ def preset_help() -> str:
     """``--preset`` help: every preset of :data:`avsm.settings.PRESETS`, its stages read from its settings."""
     from avsm.settings import PRESETS
 
-    return _help_text("levels are fractions of the working grid (2 mm by default). "
+    return _help_text("levels are fractions of the working grid (native: the image's own, the same millimetre levels on coarser images; fast, paper: 2 mm). "
                       + " | ".join(f"{k}: {v}" for k, v in PRESETS.items()))
 
 

@@ -133,4 +133,4 @@ def _threads(threads: int | None) -> int:
 
     from avsm.threads import resolve_threads
 
-    return resolve_threads(threads, workers=int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    return resolve_threads(threads)  # splits between torchrun's local ranks itself

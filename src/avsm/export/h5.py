@@ -74,7 +74,7 @@ from avsm.transform import apply_homogeneous, slab_ranges
 from avsm.transform import grid_world_points as _world_points
 
 if TYPE_CHECKING:
-    from avsm.api import RegistrationResult
+    from avsm.transform import RegistrationResult
 
 __all__ = [
     "H5_ROLES",

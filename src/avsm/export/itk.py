@@ -65,7 +65,7 @@ from avsm.transform import apply_homogeneous, grid_affine_map, slab_ranges
 from avsm.transform import grid_world_points as _world_points
 
 if TYPE_CHECKING:
-    from avsm.api import RegistrationResult
+    from avsm.transform import RegistrationResult
 
 __all__ = [
     "DEFAULT_FORMATS",

@@ -174,7 +174,8 @@ def lncc_map(I: torch.Tensor, J: torch.Tensor, win: Window, box: BoxSum = _box_s
     # variances cannot be negative; rounding of the box sums (cumulative sums) can make them so
     var_i = (sII - sI * sI / n).clamp_min(0.0)
     var_j = (sJJ - sJ * sJ / n).clamp_min(0.0)
-    return cross * cross / (var_i * var_j + EPS)
+    # in [0, 1] by Cauchy-Schwarz; the clamp keeps rounding (e.g. a variance clamped to 0) there
+    return (cross * cross / (var_i * var_j + EPS)).clamp(0.0, 1.0)
 
 
 def masked_lncc_map(
@@ -208,7 +209,7 @@ def masked_lncc_map(
     cross = sIJ - sI * sJ * inv
     var_i = (sII - sI * sI * inv).clamp_min(0.0)
     var_j = (sJJ - sJ * sJ * inv).clamp_min(0.0)
-    lncc = cross * cross / (var_i * var_j + EPS)
+    lncc = (cross * cross / (var_i * var_j + EPS)).clamp(0.0, 1.0)
     return lncc.masked_fill(empty, 0.0), sw
 
 
