@@ -299,13 +299,12 @@ def register(
     if spacing == "native" and shape is None:
         spacing = max(NATIVE_FLOOR_MM, min(fixed.grid.spacing))
         log.info("working grid: the fixed image's own spacing, %.3g mm", spacing)
-        # the preset's levels are millimetres: a coarser image keeps them, never finer than itself
-        s = s.replace(affine=at_spacing(s.affine, spacing), linear=at_spacing(s.linear, spacing),
-                      vsvf=at_spacing(s.vsvf, spacing))
     elif spacing == "native":
         spacing = None  # an explicit shape wins
-    elif s.preset == "native" and isinstance(spacing, (int, float)) and method in ("affine", "opt"):
-        # --spacing with the native preset: the same millimetre levels on that grid
+    if s.preset == "native" and spacing is not None and not isinstance(spacing, str):
+        # the native preset's levels are millimetres: a coarser grid (the image's, --spacing, or the
+        # network's for --network-affine opt) keeps them, never finer than itself
+        spacing = float(spacing)
         s = s.replace(affine=at_spacing(s.affine, spacing), linear=at_spacing(s.linear, spacing),
                       vsvf=at_spacing(s.vsvf, spacing))
     if spacing is None and shape is None:
