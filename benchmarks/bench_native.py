@@ -7,6 +7,9 @@ process's peak RSS from ``/usr/bin/time``), and each tool also reports its own r
   --out-dir OUT [--preset P]`` (the user's command: registration, warped image, warped labels,
   ANTs transforms, compact transform, summary); registration time = ``summary.json``
   ``time_registration_s``, output stage = ``time_outputs_s``.
+* ``avsm-net``, ``avsm-net+opt``, ``avsm-net+opt-aopt`` (``--network-affine opt``), ``avsm-short``
+  (``opt`` with ``--vsvf-iterations 60,20``: the default with half of its 2 mm level): see
+  :data:`AVSM_VARIANTS`.
 * ``ants-syn``: antspyx ``ants.registration(fixed, moving, type_of_transform='SyN')``, then
   ``ants.apply_transforms(..., interpolator='genericLabel')`` on the labels and
   ``'linear'`` on the image, both written as ``.nii.gz`` (what a user of the ANTs call does);
@@ -51,6 +54,14 @@ DEV_PAIRS = ("01-02", "02-01", "03-04", "04-03", "05-06", "06-05", "07-08", "08-
 EXCLUDE = frozenset({74})
 ANTS_CALLS = {"ants-syn": "SyN", "ants-syn-quick": "antsRegistrationSyNQuick[s]",
               "ants-syn-cc": "antsRegistrationSyN[s]"}
+#: avsm variants by name (the arguments after the common ones); other ``avsm-<preset>`` names
+#: run ``--preset <preset>``
+AVSM_VARIANTS = {
+    "avsm-net": ["--method", "net"],
+    "avsm-net+opt": ["--method", "net+opt"],
+    "avsm-net+opt-aopt": ["--method", "net+opt", "--network-affine", "opt"],
+    "avsm-short": ["--vsvf-iterations", "60,20"],  # opt with half of its 2 mm iterations
+}
 FIELDS = ("pair", "method", "dice", "dice_affine", "folds", "registration_s", "outputs_s", "process_s",
           "peak_mb", "call")
 
@@ -155,9 +166,12 @@ def main(argv: list[str] | None = None) -> int:
                 call = f"ants.registration(type_of_transform='{ANTS_CALLS[method]}') + apply_transforms"
                 cmd = [sys.executable, "-c", ANTS_SCRIPT, F, M, ML, out, ANTS_CALLS[method]]
             else:
-                preset = method.split("-", 1)[1] if "-" in method else None
                 cmd = ["avsm", "register", "--fixed", F, "--moving", M, "--moving-labels", ML, "--out-dir", out]
-                cmd += (["--preset", preset] if preset else []) + (args.avsm_args.split() if args.avsm_args else [])
+                if method in AVSM_VARIANTS:
+                    cmd += AVSM_VARIANTS[method]
+                elif "-" in method:
+                    cmd += ["--preset", method.split("-", 1)[1]]
+                cmd += args.avsm_args.split() if args.avsm_args else []
                 call = " ".join(["avsm register"] + cmd[2:]).replace(d + "/", "")
             wall, peak, rc = run_process(cmd, env, os.path.join(out, "log.txt"))
             if rc != 0:

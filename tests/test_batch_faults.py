@@ -264,6 +264,28 @@ def test_locks_busy_stale_and_takeover(tmp_path: Path) -> None:
     lock.release()
 
 
+def test_nested_and_flat_job_names_never_share_state(tmp_path: Path) -> None:
+    """``a/b`` and ``a__b`` are different pairs: their locks and failure records are different files."""
+    from avsm.jobs import Job, _state_path, job_dir, record_failure
+
+    root = str(tmp_path)
+    names = ["a/b", "a__b", "a_2Fb", "a+b", "a_2Bb"]
+    paths = {_state_path(root, "locks", n, ".lock") for n in names}
+    assert len(paths) == len(names)
+    assert all(os.path.dirname(p) == os.path.join(root, STATE_DIR, "locks") for p in paths)
+    assert job_dir(root, "a/b") != job_dir(root, "a__b")
+    for n in ("a/b", "a__b"):
+        record_failure(root, Job(name=n, inputs=(), work=_noop, key="k"), f"error of {n}")
+    recs = sorted(os.listdir(os.path.join(root, STATE_DIR, "failed")))
+    assert len(recs) == 2
+    got = {json.load(open(os.path.join(root, STATE_DIR, "failed", r)))["name"] for r in recs}
+    assert got == {"a/b", "a__b"}
+
+
+def _noop(*_: Any, **__: Any) -> None:
+    return None
+
+
 def test_two_processes_one_output_folder_each_pair_once(tmp_path: Path, stub_env: Path) -> None:
     names = [f"p{i}" for i in range(8)]
     csv_path = make_pairs(tmp_path / "in", names)

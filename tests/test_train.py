@@ -155,3 +155,52 @@ def test_export_and_cli(tmp_path: Path) -> None:
     assert main(["train", "--data", str(data), "--model", "{oops"]) == 2
     with pytest.raises(AvsmError):
         Trainer(_cfg(tmp_path / "x", stage="bogus"), vols)
+
+
+def _step_field(path: Path, key: str) -> list[float]:
+    return [json.loads(line)[key] for line in path.read_text().splitlines() if json.loads(line)["kind"] == "step"]
+
+
+def test_affine_regulariser_and_epoch_survive_init_from_and_resume(tmp_path: Path) -> None:
+    """A fine-tune continues the λ_ar schedule (C K / (K + e^{n/K})) where its start left off.
+
+    Two epochs from scratch, then one more from ``--init-from`` its ``last.pt`` (or its exported
+    weights), then a resume of that: λ_ar at every step equals one uninterrupted three-epoch run's,
+    and the epoch count is read back from the checkpoint and the weights file.
+    """
+    from avsm.losses.consistency import decaying_weight
+
+    vols = synthetic_volumes()
+    kw = dict(val_per_volume=0, single_step_epochs=1, log_every=1)
+    straight = Trainer(_cfg(tmp_path / "straight", epochs=3, **kw), vols)
+    straight.fit()
+    lam_straight = _step_field(tmp_path / "straight" / "metrics.jsonl", "lambda_reg")
+    assert len(lam_straight) == 6
+    assert lam_straight[0] == pytest.approx(decaying_weight(0.0, 10.0, 4.0), rel=1e-6)
+
+    first = Trainer(_cfg(tmp_path / "first", epochs=2, **kw), vols)
+    first.fit()
+    assert load_model_file(tmp_path / "first" / "last.pt").trained_epochs == {"affine": 2.0}
+    export_weights(tmp_path / "first" / "last.pt", tmp_path / "w.pt")
+    assert load_model_file(tmp_path / "w.pt").trained_epochs == {"affine": 2.0}  # the export keeps it
+
+    tune = Trainer(_cfg(tmp_path / "tune", epochs=1, init_from=str(tmp_path / "w.pt"), **kw), vols)
+    assert tune.epoch_offset == 2.0 and tune.affine_steps(0) is None  # the single-step phase is over
+    tune.fit()
+    lam_tune = _step_field(tmp_path / "tune" / "metrics.jsonl", "lambda_reg")
+    assert lam_tune == pytest.approx(lam_straight[4:], rel=1e-6)
+    assert lam_tune[0] == pytest.approx(decaying_weight(2.0, 10.0, 4.0)) and lam_tune[0] < lam_straight[0] - 0.5
+    assert load_model_file(tmp_path / "tune" / "last.pt").trained_epochs == {"affine": 3.0}
+
+    # a resume of a fine-tune keeps its offset: epoch 1 of the resumed run is schedule epoch 3
+    resumed = Trainer(_cfg(tmp_path / "tune", epochs=2, init_from=str(tmp_path / "w.pt"),
+                           resume=str(tmp_path / "tune" / "last.pt"), **kw), vols)
+    assert resumed.start_epoch == 1 and resumed.epoch_offset == 2.0
+    resumed.fit()
+    lam_all = _step_field(tmp_path / "tune" / "metrics.jsonl", "lambda_reg")
+    assert lam_all[2:] == pytest.approx([decaying_weight(3.0, 10.0, 4.0), decaying_weight(3.5, 10.0, 4.0)],
+                                        rel=1e-6)
+    assert load_model_file(tmp_path / "tune" / "last.pt").trained_epochs == {"affine": 4.0}
+    # the vSVF stage has its own clock: starting it from the affine result starts at 0
+    v = Trainer(_cfg(tmp_path / "v", stage="vsvf", epochs=1, init_from=str(tmp_path / "w.pt"), **kw), vols)
+    assert v.epoch_offset == 0.0

@@ -43,7 +43,7 @@ from avsm.io.working import (  # noqa: F401 - re-exported: avsm.api is where use
     working_grid_for,
 )
 from avsm.models.domain import check_input
-from avsm.models.vsvf import VSVF, VelocityStep
+from avsm.models.vsvf import VSVF, VelocityStep, replay
 from avsm.optim.affine_opt import optimise_affine
 from avsm.optim.initialise import initial_affine
 from avsm.optim.vsvf_opt import VSVFOptConfig, optimise_vsvf
@@ -290,11 +290,17 @@ def register(
     info: dict[str, Any] = {"preset": s.preset, "method": method}
     t0 = time.perf_counter()
     net = None
+    net_spacing: float | None = None  # the network's own grid, when it differs from the registration's
     spacing, shape = s.spacing, s.shape
     if method in ("net", "net+opt"):
         net = _load_net(model if model is not None else s.network.model, device)
         net.eval()
-        if spacing in (None, "native") and shape is None:
+        if method == "net+opt" and spacing == "native" and shape is None:
+            # the fast start: the network (and --network-affine opt) on its own grid replaces the
+            # coarse levels; the refinement runs on the native grid (the same unit cube: the working
+            # grids of one image share its box, so A, b and the velocities carry over unchanged)
+            net_spacing = float(net.config.working_spacing)
+        elif spacing in (None, "native") and shape is None:
             spacing = net.config.working_spacing  # the network works on its own grid
     if spacing == "native" and shape is None:
         spacing = max(NATIVE_FLOOR_MM, min(fixed.grid.spacing))
@@ -305,22 +311,27 @@ def register(
         # the native preset's levels are millimetres: a coarser grid (the image's, --spacing, or the
         # network's for --network-affine opt) keeps them, never finer than itself
         spacing = float(spacing)
-        s = s.replace(affine=at_spacing(s.affine, spacing), linear=at_spacing(s.linear, spacing),
-                      vsvf=at_spacing(s.vsvf, spacing))
+        s = s.replace(affine=at_spacing(s.affine, net_spacing or spacing), linear=at_spacing(s.linear, spacing),
+                      vsvf=at_spacing(s.vsvf, spacing), refine=at_spacing(s.refine, spacing))
     if spacing is None and shape is None:
         spacing = max(2.0, min(fixed.grid.spacing))  # never upsample a coarse image
     info["modality"] = {"fixed": modalities[0], "moving": modalities[1]}
     pair = prepare_pair(fixed, moving, spacing=spacing, shape=shape, device=device, modalities=modalities,
                         ct_window=s.ct_window)
+    # the network's pair: its own grid, or the registration's
+    npair = pair if net_spacing is None else prepare_pair(
+        fixed, moving, spacing=net_spacing, device=device, modalities=modalities, ct_window=s.ct_window)
     if net is not None:
-        info["domain_warnings"] = domain_warnings(pair, modalities, getattr(net, "domain", None))
+        info["domain_warnings"] = domain_warnings(npair, modalities, getattr(net, "domain", None))
+        if net_spacing is not None:
+            info["network_grid"] = list(npair.fixed_grid.shape)
     fw = mask_to_working(fixed_mask, pair.fixed_grid, device) if fixed_mask is not None else None
     mw = mask_to_working(moving_mask, pair.moving_grid, device) if moving_mask is not None else None
     if method == "net" and (fw is not None or mw is not None):
         log.warning("the network does not use masks; they are ignored (use --method opt or net+opt)")
     timings["prepare"] = time.perf_counter() - t0
     t_init = time.perf_counter()
-    A0, b0, info["init"] = initialise(pair, s.init, s.similarity)
+    A0, b0, info["init"] = initialise(npair, s.init, s.similarity)  # unit coordinates: valid on both grids
     timings["init"] = time.perf_counter() - t_init
     # one anti-aliased pyramid per image, shared by the affine and vSVF stages
     f, m = Pyramid(pair.fixed_t), Pyramid(pair.moving_t)
@@ -353,24 +364,35 @@ def register(
             steps.append(res.model.record(res.velocity))
     else:
         assert net is not None
+        nf, nm, nfw, nmw = f, m, fw, mw
+        if npair is not pair:
+            nf, nm = Pyramid(npair.fixed_t), Pyramid(npair.moving_t)
+            nfw = Pyramid(mask_to_working(fixed_mask, npair.fixed_grid, device)) if fixed_mask is not None else None
+            nmw = Pyramid(mask_to_working(moving_mask, npair.moving_grid, device)) if moving_mask is not None else None
         affine_steps = s.network.affine_steps
         if s.network.affine == "opt":
             # affine-opt from the initialisation replaces the affine network (its vSVF steps start there)
             history = []
-            A0, b0 = optimise_affine(f, m, A0, b0, s.affine, weight=fw, moving_weight=mw,  # type: ignore[arg-type]
+            A0, b0 = optimise_affine(nf, nm, A0, b0, s.affine, weight=nfw, moving_weight=nmw,  # type: ignore[arg-type]
                                      history=history, progress=progress)
             info["affine_history"] = history
             timings["affine"] = time.perf_counter() - t1
             affine_steps = 0
         with torch.no_grad():
-            out = net(m.image, f.image, A0, b0, affine_steps=affine_steps, vsvf_steps=s.network.vsvf_steps)
+            out = net(nm.image, nf.image, A0, b0, affine_steps=affine_steps, vsvf_steps=s.network.vsvf_steps)
         A, b = out.A, out.b
-        vs: VSVF = net.vsvf_for(pair.fixed_grid.shape)
+        vs: VSVF = net.vsvf_for(npair.fixed_grid.shape)
         steps.extend(vs.record(v) for v in out.velocities)
         timings["network"] = time.perf_counter() - t1 - timings.get("affine", 0.0)
         if method == "net+opt":
             t2 = time.perf_counter()
-            res = optimise_vsvf(f, m, out.phi, s.refine, weight=fw, moving_weight=mw, progress=progress)
+            phi0 = out.phi
+            if npair is not pair:  # the network's map on the registration's grid: the same steps replayed
+                with torch.no_grad():
+                    phi0 = replay(affine_map(A.detach().float(), b.detach().float(), pair.fixed_grid.shape),
+                                  [VelocityStep(st.v.float(), st.method, st.steps, st.squarings) for st in steps],
+                                  pair.fixed_grid.shape).to(device)
+            res = optimise_vsvf(f, m, phi0, s.refine, weight=fw, moving_weight=mw, progress=progress)
             info["vsvf_history"] = res.history
             info["vsvf_evaluations"] = res.evaluations
             steps.append(res.model.record(res.velocity))

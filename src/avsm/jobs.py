@@ -43,6 +43,7 @@ import shutil
 import socket
 import threading
 import time
+import urllib.parse
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -176,7 +177,9 @@ def lock_attempt(root: str, name: str) -> int | None:
 
 
 def _state_key(name: str) -> str:
-    return name.replace("/", "__")
+    """A flat file name for job ``name``, one-to-one: ``/`` (and ``+``) are %-escaped and ``%``
+    never occurs in a valid name, so ``a/b`` and ``a__b`` get different locks and records."""
+    return urllib.parse.quote(name, safe="")
 
 
 def _state_path(root: str, kind: str, name: str, ext: str) -> str:

@@ -127,6 +127,12 @@ def _native_vsvf() -> VSVFOptConfig:
                          sigmas=NATIVE_SIGMAS, lncc_windows=NATIVE_WINDOWS, optimizer="lbfgs-nols", lr=0.5)
 
 
+def _native_refine() -> VSVFOptConfig:
+    # net+opt: the network replaces the 4 mm level; the refinement is the native preset's 2 mm level
+    return VSVFOptConfig(scales=(0.5,), iterations=(40,), integrator="ss", squarings=7,
+                         sigmas=NATIVE_SIGMAS, lncc_windows=NATIVE_WINDOWS, optimizer="lbfgs-nols", lr=0.5)
+
+
 def _fast_affine() -> AffineOptConfig:
     return AffineOptConfig(scales=(0.25, 0.5), iterations=(80, 30), lr=1e-2, tol=1e-4, window=10)
 
@@ -269,7 +275,7 @@ def preset(name: str, **changes: Any) -> RegistrationSettings:
         base = RegistrationSettings(preset="fast")
     elif name == "native":
         base = RegistrationSettings(preset="native", spacing="native", affine=_native_affine(),
-                                    linear=_native_linear(), vsvf=_native_vsvf())
+                                    linear=_native_linear(), vsvf=_native_vsvf(), refine=_native_refine())
     elif name == "paper":
         base = RegistrationSettings(preset="paper", affine=AffineOptConfig(), linear=AffineOptConfig(),
                                     vsvf=VSVFOptConfig(), refine=_paper_refine())

@@ -194,7 +194,8 @@ def apply_threads(threads: int) -> int:
     return n
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
+    """argparse type: a whole number ≥ 1 (``--threads``, ``--workers``)."""
     try:
         v = int(text)
     except ValueError:
@@ -206,6 +207,6 @@ def _positive_int(text: str) -> int:
 
 def add_threads_argument(parser: argparse.ArgumentParser | argparse._ArgumentGroup, *, per: str = "") -> None:
     """Add ``--threads N`` (default ``None``: the CPUs available, split between workers)."""
-    parser.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+    parser.add_argument("--threads", type=positive_int, default=None, metavar="N",
                         help=f"CPU threads{per} (torch, ITK, OpenMP); default: the CPUs this process may use "
                              "(affinity mask and cgroup quota), split between the workers")

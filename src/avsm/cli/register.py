@@ -237,16 +237,6 @@ def run(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- batch (--pairs)
 
 
-def _workers(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
-    return v
-
-
 def add_batch_options(p: argparse.ArgumentParser) -> None:
     """``--pairs`` and how the batch is spread: workers, shard, scheduler (also used by ``evaluate``)."""
     g = p.add_argument_group("batch (--pairs; see 'avsm status')")
@@ -259,7 +249,9 @@ def add_batch_options(p: argparse.ArgumentParser) -> None:
 
 def add_distribution_options(g: argparse._ArgumentGroup | argparse.ArgumentParser) -> None:
     """``--workers``, ``--shard``, ``--scheduler``."""
-    g.add_argument("--workers", type=_workers, default=None, metavar="N",
+    from avsm.threads import positive_int
+
+    g.add_argument("--workers", type=positive_int, default=None, metavar="N",
                    help="pairs in parallel: local worker processes, or Dask workers with --scheduler dask "
                         "(default 1; avsm register --device cuda: one per visible GPU, each pinned to its GPU). "
                         "A worker killed mid-pair costs that pair one attempt (2 in all); the others go on")

@@ -194,6 +194,9 @@ class AVSM(nn.Module):
         self._sim = MKLNCC()
         self.last_affine_choice: list[int] = []  # set by the inference-time affine guard
         self.domain: DomainReference | None = None  # not a parameter: not in the state dict
+        # epochs trained so far per stage, over every run (``--init-from`` included): the clock of
+        # the decaying affine regulariser, so a fine-tune continues its schedule instead of restarting it
+        self.trained_epochs: dict[str, float] = {}
 
     # ------------------------------------------------------------------ helpers
 
@@ -414,12 +417,18 @@ class AVSM(nn.Module):
     def export_state(self) -> dict[str, Any]:
         """``{"config": dict, "state_dict": ...}``: what :func:`avsm.models.pretrained.load_pretrained` reads.
 
-        With a :attr:`domain` reference, also ``{"meta": {"domain": dict}}``.
+        With a :attr:`domain` reference, also ``{"meta": {"domain": dict}}``; with training
+        history, ``{"meta": {"trained_epochs": {stage: epochs}}}``.
         """
         state: dict[str, Any] = {"format": "avsm-model/1", "config": self.config.to_dict(),
                                  "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()}}
+        meta: dict[str, Any] = {}
         if self.domain is not None:
-            state["meta"] = {"domain": self.domain.to_dict()}
+            meta["domain"] = self.domain.to_dict()
+        if self.trained_epochs:
+            meta["trained_epochs"] = {k: float(v) for k, v in self.trained_epochs.items()}
+        if meta:
+            state["meta"] = meta
         return state
 
     @classmethod
@@ -432,6 +441,8 @@ class AVSM(nn.Module):
         cfg.setdefault("affine_moments", False)  # saved before the moment head existed
         model = cls(AVSMConfig.from_dict(cfg))
         model.load_state_dict(state["state_dict"], strict=True)
-        domain = (state.get("meta") or {}).get("domain")
+        meta = state.get("meta") or {}
+        domain = meta.get("domain")
         model.domain = DomainReference.from_dict(domain) if domain else None
+        model.trained_epochs = {str(k): float(v) for k, v in (meta.get("trained_epochs") or {}).items()}
         return model

@@ -250,6 +250,12 @@ class Trainer:
         self.global_step = 0
         self.best: float | None = None
         self.model = self._build_model()
+        # the stage's schedule clock (affine regulariser, single-step phase) continues from the
+        # epochs the starting model was already trained for (``--init-from``); a resume restores it
+        self.epoch_offset = float(self.model.trained_epochs.get(cfg.stage, 0.0))
+        if self.epoch_offset:
+            log.info("%s stage continues its schedule at epoch %g (from %s)", cfg.stage, self.epoch_offset,
+                     cfg.init_from)
         self.model.to(self.device)
         self._configure_stage()
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -319,21 +325,28 @@ class Trainer:
         self.start_epoch = int(st["epoch"]) + 1
         self.global_step = int(st["global_step"])
         self.best = st.get("best")
+        self.epoch_offset = float(st.get("epoch_offset", 0.0))
+        self.model.trained_epochs = dict((st["model"].get("meta") or {}).get("trained_epochs") or {})
         set_rng_state(st["rng"])
         log.info("resumed from %s at epoch %d", path, self.start_epoch)
 
     def checkpoint(self, epoch: int) -> dict[str, Any]:
-        """Everything needed to resume after ``epoch`` (completed)."""
+        """Everything needed to resume after ``epoch`` (completed; -1: before the first)."""
+        self.model.trained_epochs[self.cfg.stage] = self.epoch_offset + epoch + 1
         return {"model": self.model.export_state(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "epoch": epoch, "global_step": self.global_step,
                 "best": self.best, "rng": rng_state(), "train_config": dataclasses.asdict(self.cfg),
-                "stage": self.cfg.stage, "versions": versions()}
+                "stage": self.cfg.stage, "epoch_offset": self.epoch_offset, "versions": versions()}
+
+    def schedule_epoch(self, epoch: float) -> float:
+        """The stage's schedule clock at this run's ``epoch``: ``epoch_offset + epoch``."""
+        return self.epoch_offset + epoch
 
     # ------------------------------------------------------------------ loop
 
     def affine_steps(self, epoch: int) -> int | None:
         """Affine steps of ``epoch``: 1 during the single-step phase, else the config's."""
-        if self.cfg.stage == "affine" and epoch < self.cfg.single_step_epochs:
+        if self.cfg.stage == "affine" and self.schedule_epoch(epoch) < self.cfg.single_step_epochs:
             return 1
         return None
 
@@ -345,7 +358,8 @@ class Trainer:
         ml, fl = batch.get("moving_labels"), batch.get("fixed_labels")
         if ml is not None and fl is not None:
             ml, fl = ml.to(self.device), fl.to(self.device)
-        losses = self.loss_module(m, f, self.cfg.stage, epoch + frac, self.affine_steps(epoch), self.cfg.symmetric,
+        losses = self.loss_module(m, f, self.cfg.stage, self.schedule_epoch(epoch + frac), self.affine_steps(epoch),
+                                  self.cfg.symmetric,
                                   ml, fl, self.cfg.dice_weight, self.cfg.dice_labels)
         self.optimizer.zero_grad(set_to_none=True)
         losses["total"].backward()
@@ -413,7 +427,8 @@ class Trainer:
                                "lr": self.optimizer.param_groups[0]["lr"], **rec})
             self.scheduler.step()
             val = self.validate() if self.rank == 0 else {}
-            last = {"kind": "epoch", "stage": cfg.stage, "epoch": epoch, "step": self.global_step,
+            last = {"kind": "epoch", "stage": cfg.stage, "epoch": epoch, "schedule_epoch": self.schedule_epoch(epoch),
+                    "step": self.global_step,
                     "seconds": time.time() - t0, **{f"train_{k}": v / max(n, 1) for k, v in sums.items()}, **val}
             log.info("epoch %d: %s", epoch, {k: round(v, 5) if isinstance(v, float) else v for k, v in last.items()})
             self._log(last)
@@ -459,7 +474,7 @@ def export_weights(checkpoint: str | os.PathLike[str], dest: str | os.PathLike[s
     if overrides:
         info["config_overrides"] = dict(overrides)
     info.update(meta or {})
-    state["meta"] = info
+    state["meta"] = {**(state.get("meta") or {}), **info}  # keeps the domain and trained_epochs
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     _atomic_save(state, dest)
