@@ -49,7 +49,7 @@ def logging_register(fixed: str, moving: str, out_dir: str, *, moving_labels: st
     """Logs ``<pair> <pid>`` to ``$AVSM_TEST_LOG``, sleeps ``$AVSM_STUB_SLEEP`` s, writes ``out.bin`` atomically.
 
     Pair ``pkill`` SIGKILLs its own process on its first attempt (marker in ``$AVSM_TEST_MARKS``),
-    ``pdie`` on every attempt, ``pbig`` writes 1 MB.
+    ``pdie`` on every attempt, ``pbig`` writes 1 MB, ``phang`` (or ``$AVSM_STUB_HANG``) hangs (10 minutes).
     """
     name = os.path.basename(out_dir)
     with open(os.environ["AVSM_TEST_LOG"], "a") as fh:
@@ -59,7 +59,8 @@ def logging_register(fixed: str, moving: str, out_dir: str, *, moving_labels: st
         if marks:
             open(os.path.join(marks, name), "w").close()
         os.kill(os.getpid(), signal.SIGKILL)
-    time.sleep(float(os.environ.get("AVSM_STUB_SLEEP", "0")))
+    hang = name == os.environ.get("AVSM_STUB_HANG", "phang")
+    time.sleep(600.0 if hang else float(os.environ.get("AVSM_STUB_SLEEP", "0")))
     with open(moving, "rb") as fh:
         data = fh.read()
     n = 1 << 20 if name == "pbig" else size
@@ -371,6 +372,50 @@ def test_worker_killed_every_time_is_recorded_with_reason(tmp_path: Path, stub_e
 
 
 # --------------------------------------------------------------------------- full disk
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_job_timeout_stops_a_hung_pair_and_the_others_finish(tmp_path: Path, stub_env: Path, workers: int) -> None:
+    """A pair that hangs is stopped after --job-timeout and recorded with the reason, once (not
+    retried); the other pairs are done; a rerun without the hang registers only that pair."""
+    names = ["p0", "phang", "p2", "p3"]
+    csv_path = make_pairs(tmp_path / "in", names)
+    out = tmp_path / "out"
+    t0 = time.monotonic()
+    recs = {r["name"]: r for r in run_batch(str(csv_path), str(out), register_one=logging_register,
+                                             workers=workers, threads=1, progress=False, job_timeout_s=4.0)}
+    took = time.monotonic() - t0
+    assert took < 90, took
+    assert recs["phang"]["status"] == "failed" and "timed out after 4 s" in recs["phang"]["error"]
+    assert all(recs[n]["status"] == "done" for n in names if n != "phang")
+    assert registrations(stub_env).count("phang") == 1
+    m = manifest(out)
+    assert m["phang"]["status"] == "failed" and "timed out" in m["phang"]["error"]
+    assert not (out / "phang" / DONE_NAME).exists()
+    # the killed worker's stale lock does not block a rerun (the hang gone): that pair alone runs
+    os.environ["AVSM_STUB_HANG"] = "none"
+    try:
+        recs2 = {r["name"]: r for r in run_batch(str(csv_path), str(out), register_one=logging_register,
+                                                  workers=1, threads=1, progress=False)}
+    finally:
+        del os.environ["AVSM_STUB_HANG"]
+    assert recs2["phang"]["status"] == "done" and all(recs2[n]["status"] == "skipped" for n in names
+                                                      if n != "phang")
+    assert registrations(stub_env).count("phang") == 2
+
+
+def test_job_timeout_bad_values_and_dask(tmp_path: Path, stub_env: Path) -> None:
+    from avsm.cli.main import main
+
+    csv_path = make_pairs(tmp_path / "in", ["p0"])
+    for bad in ("0", "-3", "soon"):
+        with pytest.raises(SystemExit) as e:
+            main(["register", "--pairs", str(csv_path), "--out-dir", str(tmp_path / "o"), "--job-timeout", bad])
+        assert e.value.code == 2
+    with pytest.raises(AvsmError, match="local workers only"):
+        run_batch(str(csv_path), str(tmp_path / "o"), register_one=logging_register, scheduler="dask",
+                  progress=False, job_timeout_s=5.0)
+    assert not (tmp_path / "o" / "p0" / DONE_NAME).exists()
 
 
 def test_full_disk_leaves_no_pair_looking_done(tmp_path: Path, stub_env: Path, monkeypatch: pytest.MonkeyPatch

@@ -439,6 +439,7 @@ def run_batch(
     verify: str = "quick",
     max_attempts: int = 2,
     lock_timeout_s: float = DEFAULT_LOCK_TIMEOUT_S,
+    job_timeout_s: float | None = None,
     **options: Any,
 ) -> list[dict[str, Any]]:
     """Register this shard's pairs of ``pairs_csv`` into ``out_dir/<name>/``.
@@ -462,6 +463,8 @@ def run_batch(
         verify: ``quick`` or ``full`` check of earlier results.
         max_attempts: attempts of a pair whose worker process died.
         lock_timeout_s: a pair lock not refreshed for this long is taken over.
+        job_timeout_s: a pair still running after this many seconds is stopped (its worker
+            process killed) and recorded as failed (local engine; see :func:`avsm.executors.run_jobs`).
         **options: passed to ``register_one`` (fingerprinted, except ``progress`` and ``device``).
 
     Returns:
@@ -533,7 +536,7 @@ def run_batch(
     try:
         by_name = run_jobs(mine, out_dir, scheduler=scheduler or "local", workers=n_workers, threads=n_threads,
                            devices=devices, max_attempts=max_attempts, run_id=new_run_id(), verify=verify,
-                           lock_timeout_s=lock_timeout_s, on_result=tick)
+                           lock_timeout_s=lock_timeout_s, on_result=tick, job_timeout_s=job_timeout_s)
     finally:
         bar.close()
     ordered = [by_name[j.name] for j in mine]

@@ -12,7 +12,9 @@ locks and atomic commits are the same everywhere.
 * **Local workers** (``workers=N``): N worker processes (``spawn``), each running one job at a
   time.  A worker that dies mid-job (SIGKILL by the OOM killer, a segfault) costs that job one
   attempt: the worker is replaced, the job is queued again (``max_attempts``, default 2), then
-  recorded as failed with the reason; the other workers and jobs go on.  ``recycle=True``
+  recorded as failed with the reason; the other workers and jobs go on.  With ``job_timeout_s``
+  a job still running after that long has its worker killed and is recorded as failed ("timed
+  out"), not retried (a job that hangs once usually hangs again); the others go on.  ``recycle=True``
   starts a fresh process for every job (``avsm evaluate``: peak memory per job).  With
   ``devices`` (one entry per GPU) worker ``k`` sees only GPU ``devices[k % len]``
   (``CUDA_VISIBLE_DEVICES``).
@@ -34,6 +36,7 @@ import multiprocessing
 import os
 import re
 import signal
+import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -191,6 +194,7 @@ def run_jobs(
     lock_timeout_s: float = DEFAULT_LOCK_TIMEOUT_S,
     on_result: OnResult | None = None,
     connect_timeout_s: float | None = None,
+    job_timeout_s: float | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Run ``jobs`` with the chosen engine; returns ``{name: record}`` (see :func:`avsm.jobs.run_job`).
 
@@ -212,16 +216,25 @@ def run_jobs(
         on_result: called in this process with each record as it arrives.
         connect_timeout_s: how long to try to reach a Dask scheduler (default: Dask's
             ``distributed.comm.timeouts.connect``, 30 s unless configured).
+        job_timeout_s: local engine: a job running longer is killed (its worker process) and
+            recorded as failed; jobs then always run in worker processes, even with one worker.
 
     Raises:
-        AvsmError: Dask not installed, or its scheduler unreachable.
+        AvsmError: Dask not installed, or its scheduler unreachable; ``job_timeout_s`` with Dask
+            (use Dask's own worker lifetime settings) or not > 0.
     """
     cb: OnResult = on_result or (lambda rec: None)
     kw = {"run_id": run_id, "verify": verify, "lock_timeout_s": lock_timeout_s}
     local = scheduler in ("", "local", None)
     workers = max(1, int(workers))
+    if job_timeout_s is not None:
+        if not job_timeout_s > 0:
+            raise AvsmError(f"the job timeout must be > 0 s, got {job_timeout_s}")
+        if not local:
+            raise AvsmError("--job-timeout works with local workers only; on Dask use its worker lifetime "
+                            "settings (distributed.worker.lifetime.duration)")
     out: dict[str, dict[str, Any]] = {}
-    if local and workers == 1 and not recycle and not devices:
+    if local and workers == 1 and not recycle and not devices and job_timeout_s is None:
         if threads is None:
             threads = default_threads(1)
         for job in jobs:
@@ -241,8 +254,8 @@ def run_jobs(
     if local:
         if threads is None:
             threads = default_threads(min(workers, len(todo)))
-        out.update(_LocalPool(min(workers, len(todo)), threads, list(devices or []), recycle, max_attempts).run(
-            todo, root, kw, cb))
+        out.update(_LocalPool(min(workers, len(todo)), threads, list(devices or []), recycle, max_attempts,
+                              job_timeout_s).run(todo, root, kw, cb))
         return out
     out.update(_run_dask(todo, root, scheduler, workers, threads, max_attempts, kw, cb, connect_timeout_s))
     return out
@@ -307,13 +320,16 @@ class _Slot:
         self.conn: Any = None
         self.job: Job | None = None
         self.attempt = 0
+        self.started = 0.0  # time.monotonic() when the job was sent
 
 
 class _LocalPool:
     """Local worker processes that isolate faults (see the module docstring)."""
 
-    def __init__(self, workers: int, threads: int, devices: list[str], recycle: bool, max_attempts: int) -> None:
+    def __init__(self, workers: int, threads: int, devices: list[str], recycle: bool, max_attempts: int,
+                 job_timeout_s: float | None = None) -> None:
         self.ctx = multiprocessing.get_context("spawn")
+        self.job_timeout_s = job_timeout_s
         self.threads = threads
         self.recycle = recycle
         self.max_attempts = max(1, int(max_attempts))
@@ -369,13 +385,27 @@ class _LocalPool:
                             pending.appendleft((job, attempt))
                             self._stop(s, kill=True)
                             continue
-                        s.job, s.attempt = job, attempt
+                        s.job, s.attempt, s.started = job, attempt, time.monotonic()
                 busy = [s for s in self.slots if s.job is not None]
                 if not busy:
                     continue
-                ready = mp_wait([s.conn for s in busy] + [s.proc.sentinel for s in busy], timeout=5.0)
+                wait_s = 5.0
+                if self.job_timeout_s is not None:
+                    left = min(s.started + self.job_timeout_s for s in busy) - time.monotonic()
+                    wait_s = min(wait_s, max(0.05, left))
+                ready = mp_wait([s.conn for s in busy] + [s.proc.sentinel for s in busy], timeout=wait_s)
                 for s in busy:
                     rec = None
+                    if (self.job_timeout_s is not None and s.conn not in ready and s.proc.sentinel not in ready
+                            and time.monotonic() - s.started > self.job_timeout_s):
+                        job = s.job
+                        assert job is not None
+                        s.job = None
+                        self._stop(s, kill=True)  # SIGTERM, then SIGKILL: the job's lock goes stale with it
+                        err = f"timed out after {self.job_timeout_s:g} s (--job-timeout); its worker was killed"
+                        log.warning("%s failed: %s", job.name, err)
+                        finish(failed_record(job, root, err, attempts=s.attempt))
+                        continue
                     if s.conn in ready or s.proc.sentinel in ready:
                         try:
                             if s.conn.poll():

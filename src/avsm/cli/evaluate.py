@@ -85,7 +85,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = EvalConfig(methods=methods, out_dir=os.path.abspath(args.out_dir), consistency=not args.no_consistency,
                      border=args.border, hd95=not args.no_hd95, spacing=args.spacing, method_opts=opts,
                      isolate=not args.in_process, threads=args.threads, reference=args.reference,
-                     qc=args.qc, workers=args.workers or 1, scheduler=args.scheduler)
+                     qc=args.qc, workers=args.workers or 1, scheduler=args.scheduler,
+                     job_timeout_s=args.job_timeout)
     rows = evaluate(pairs, cfg, shard=args.shard,
                     progress=sys.stderr.isatty() and not getattr(args, "quiet", False))
     if rows is None:  # one shard of several: its own jobs only

@@ -247,6 +247,16 @@ def add_batch_options(p: argparse.ArgumentParser) -> None:
     add_distribution_options(g)
 
 
+def _seconds(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return v
+
+
 def add_distribution_options(g: argparse._ArgumentGroup | argparse.ArgumentParser) -> None:
     """``--workers``, ``--shard``, ``--scheduler``."""
     from avsm.threads import positive_int
@@ -259,6 +269,9 @@ def add_distribution_options(g: argparse._ArgumentGroup | argparse.ArgumentParse
                    help="take pairs I, I+N, I+2N, ... (0 <= I < N); default from a SLURM job array "
                         "(SLURM_ARRAY_TASK_ID of SLURM_ARRAY_TASK_COUNT) or torchrun (RANK of WORLD_SIZE). Shards "
                         "never wait for each other; a lock per pair keeps two processes off the same pair")
+    g.add_argument("--job-timeout", type=_seconds, default=None, metavar="SECONDS",
+                   help="stop a pair still running after this many seconds (its worker process is killed) and "
+                        "record it as failed with the reason; the others go on (local engine; default: no limit)")
     g.add_argument("--scheduler", default="local", metavar="local|dask|ADDRESS",
                    help="local (default): this process or local workers; dask: a local Dask cluster of --workers "
                         "processes; ADDRESS (tcp://host:8786): an existing Dask cluster (pip install 'avsm[dask]')")
@@ -279,6 +292,7 @@ def run_pairs(args: argparse.Namespace) -> int:
     opts = options_from_args(args)
     rows = run_batch(args.pairs, args.out_dir, register_one=register_pair, workers=args.workers,
                      shard=args.shard, scheduler=args.scheduler, threads=args.threads,
+                     job_timeout_s=args.job_timeout,
                      label_mapping=args.label_mapping, progress=opts.pop("progress", True), **opts)
     n = {s: sum(r.get("status") == s for r in rows) for s in ("done", "skipped", "failed", "busy")}
     sys.stdout.write(f"{len(rows)} pairs: {n['done']} registered, {n['skipped']} already done, {n['failed']} failed"

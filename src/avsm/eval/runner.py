@@ -107,6 +107,8 @@ class EvalConfig:
         label_mode: how moving labels are warped for Dice/HD95 (``label`` or ``nearest``).
         workers: jobs in parallel (local worker processes, or Dask workers).
         scheduler: ``local``, ``dask`` (a local Dask cluster) or a Dask scheduler address.
+        job_timeout_s: a job still running after this many seconds is stopped and recorded as
+            failed (local engine; ``None``: no limit).
     """
 
     methods: list[str]
@@ -123,6 +125,7 @@ class EvalConfig:
     label_mode: str = "label"
     workers: int = 1
     scheduler: str = "local"
+    job_timeout_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -487,7 +490,7 @@ def evaluate(
     try:
         records = run_jobs(mine, cfg.out_dir, scheduler=cfg.scheduler or "local", workers=workers, threads=threads,
                            recycle=cfg.isolate and (cfg.scheduler or "local") == "local", run_id=new_run_id(),
-                           on_result=lambda rec: bar.update(1))
+                           on_result=lambda rec: bar.update(1), job_timeout_s=cfg.job_timeout_s)
     finally:
         bar.close()
     n_failed = sum(r["status"] == "failed" for r in records.values())
