@@ -4,7 +4,8 @@ Pair: the elastix chest CT of one patient, baseline (moving) → follow-up (fixe
 1.37×1.37×2.5 mm, with lung masks (``../shared/data/ct``, Apache-2.0).  Score:
 Dice of the warped baseline lung mask against the follow-up lung mask.
 
-Variants of ``avsm register --method opt`` (``fast`` preset): ``--modality ct`` with
+Variants: the default (``avsm register``: ``opt`` with the ``native`` preset, modality detected),
+and ``avsm register --method opt --preset fast`` with ``--modality ct`` and
 the default window [−1000, 1000] HU, a narrower [−1000, 400] HU window, and
 ``--modality mr`` (0.1/99.9 percentiles, what CT got before); ANTs SyN (antspyx
 ``'SyN'``) on avsm's working inputs, one after another.
@@ -37,6 +38,7 @@ from avsm.settings import preset  # noqa: E402
 log = logging.getLogger("bench_ct")
 
 VARIANTS = {
+    "default (native preset)": {"preset": "native"},
     "opt ct -1000..1000 HU": {"modality": "ct"},
     "opt ct -1000..400 HU": {"modality": "ct", "ct_window": (-1000.0, 400.0)},
     "opt mr percentiles": {"modality": "mr"},
@@ -68,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             res = ants_syn(fixed, moving)
         else:
-            res = register(fixed=fixed, moving=moving, settings=preset("fast", method="opt", **VARIANTS[name]),
+            kw = dict(VARIANTS[name])
+            res = register(fixed=fixed, moving=moving, settings=preset(kw.pop("preset", "fast"), method="opt", **kw),
                            progress=False)
         t = time.perf_counter() - t0
         dice = dice_per_label(res.warp(ml).array, fl.array, labels=[1])[1]

@@ -31,7 +31,8 @@ python -m avsm.cli.main train --sources ixi=0.5,synthseg=0.3,synth-ixi=0.2 --out
 # Dice-term ablation (lr 1e-4, the better mixture): C with the Dice term (weight 1), D without
 python -m avsm.cli.main train --sources ixi=1 --out "$RUN/vsvfC" $VSVF --lr 1e-4 --dice-weight 1.0
 python -m avsm.cli.main train --sources ixi=1 --out "$RUN/vsvfD" $VSVF --lr 1e-4
-BEST=${BEST:-$RUN/vsvfC/best.pt}
+# the bundled model is run D (no Dice term; MODEL_CARD.md, step 3); BEST=... exports another
+BEST=${BEST:-$RUN/vsvfD/best.pt}
 python -m avsm.cli.main train --export "$BEST" --to "$RUN/export/avsm_brain.pt" \
     --override '{"vsvf_steps_test": 2, "affine_guard": true}'
 python scripts/domain_reference.py --ixi-dir "$SHARED/ixi185" --train-only --max-subjects 40 \
