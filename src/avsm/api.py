@@ -389,9 +389,7 @@ def register(
             phi0 = out.phi
             if npair is not pair:  # the network's map on the registration's grid: the same steps replayed
                 with torch.no_grad():
-                    phi0 = replay(affine_map(A.detach().float(), b.detach().float(), pair.fixed_grid.shape),
-                                  [VelocityStep(st.v.float(), st.method, st.steps, st.squarings) for st in steps],
-                                  pair.fixed_grid.shape).to(device)
+                    phi0 = replay(affine_map(A, b, pair.fixed_grid.shape), steps, pair.fixed_grid.shape)
             res = optimise_vsvf(f, m, phi0, s.refine, weight=fw, moving_weight=mw, progress=progress)
             info["vsvf_history"] = res.history
             info["vsvf_evaluations"] = res.evaluations

@@ -45,16 +45,21 @@ def iterations_help(stage: str) -> str:
     return _help_text(text)
 
 
-def _spacing(text: str) -> float | str:
-    if text == "native":
-        return text
+def _positive_float(text: str, expected: str, too_small: str) -> float:
+    """argparse helper: ``text`` as a number > 0, else the error ``expected ...`` / ``too_small``."""
     try:
         v = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a spacing in mm or 'native', got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
     if not v > 0:
-        raise argparse.ArgumentTypeError(f"spacing must be > 0 mm, got {text}")
+        raise argparse.ArgumentTypeError(f"{too_small}, got {text}")
     return v
+
+
+def _spacing(text: str) -> float | str:
+    if text == "native":
+        return text
+    return _positive_float(text, "a spacing in mm or 'native'", "spacing must be > 0 mm")
 
 
 def _ints(text: str) -> list[int]:
@@ -248,13 +253,7 @@ def add_batch_options(p: argparse.ArgumentParser) -> None:
 
 
 def _seconds(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return v
+    return _positive_float(text, "a number of seconds", "must be > 0")
 
 
 def add_distribution_options(g: argparse._ArgumentGroup | argparse.ArgumentParser) -> None:

@@ -325,8 +325,10 @@ class Trainer:
         self.start_epoch = int(st["epoch"]) + 1
         self.global_step = int(st["global_step"])
         self.best = st.get("best")
-        self.epoch_offset = float(st.get("epoch_offset", 0.0))
         self.model.trained_epochs = dict((st["model"].get("meta") or {}).get("trained_epochs") or {})
+        # the clock at the checkpoint is epoch_offset + epoch + 1 (see checkpoint); older ones have none: 0
+        done = float(self.start_epoch)
+        self.epoch_offset = self.model.trained_epochs.get(self.cfg.stage, done) - done
         set_rng_state(st["rng"])
         log.info("resumed from %s at epoch %d", path, self.start_epoch)
 
@@ -336,7 +338,7 @@ class Trainer:
         return {"model": self.model.export_state(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "epoch": epoch, "global_step": self.global_step,
                 "best": self.best, "rng": rng_state(), "train_config": dataclasses.asdict(self.cfg),
-                "stage": self.cfg.stage, "epoch_offset": self.epoch_offset, "versions": versions()}
+                "stage": self.cfg.stage, "versions": versions()}
 
     def schedule_epoch(self, epoch: float) -> float:
         """The stage's schedule clock at this run's ``epoch``: ``epoch_offset + epoch``."""
