@@ -8,8 +8,8 @@ process's peak RSS from ``/usr/bin/time``), and each tool also reports its own r
   ANTs transforms, compact transform, summary); registration time = ``summary.json``
   ``time_registration_s``, output stage = ``time_outputs_s``.
 * ``avsm-net``, ``avsm-net+opt``, ``avsm-net+opt-aopt`` (``--network-affine opt``), ``avsm-short``
-  (``opt`` with ``--vsvf-iterations 60,20``: the default with half of its 2 mm level): see
-  :data:`AVSM_VARIANTS`.
+  (``opt`` with ``--vsvf-iterations 60,20``: the default with half of its 2 mm level), ``avsm-affine``
+  and ``avsm-net-affine`` (the affine stage of ``opt`` and of ``net`` alone): see :data:`AVSM_VARIANTS`.
 * ``ants-syn``: antspyx ``ants.registration(fixed, moving, type_of_transform='SyN')``, then
   ``ants.apply_transforms(..., interpolator='genericLabel')`` on the labels and
   ``'linear'`` on the image, both written as ``.nii.gz`` (what a user of the ANTs call does);
@@ -61,6 +61,8 @@ AVSM_VARIANTS = {
     "avsm-net+opt": ["--method", "net+opt"],
     "avsm-net+opt-aopt": ["--method", "net+opt", "--network-affine", "opt"],
     "avsm-short": ["--vsvf-iterations", "60,20"],  # opt with half of its 2 mm iterations
+    "avsm-affine": ["--vsvf-iterations", "0,0"],  # opt's affine stage alone
+    "avsm-net-affine": ["--method", "net", "--vsvf-steps", "0"],  # the network's affine stage alone
 }
 FIELDS = ("pair", "method", "dice", "dice_affine", "folds", "registration_s", "outputs_s", "process_s",
           "peak_mb", "call")
@@ -143,7 +145,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=os.path.join(HERE, "results", "native"))
     ap.add_argument("--avsm-args", default="", help="extra arguments for every avsm job")
+    ap.add_argument("--summarise", action="store_true", help="only print the table of <out>/rows.csv")
     args = ap.parse_args(argv)
+    if args.summarise:
+        summarise(list(csv.DictReader(open(os.path.join(args.out, "rows.csv")))))
+        return 0
     d = os.path.join(os.path.abspath(args.data_dir), "oasis-trt20")
     os.makedirs(args.out, exist_ok=True)
     rows_path = os.path.join(args.out, "rows.csv")

@@ -19,7 +19,8 @@ set -euo pipefail
 RUN=${1:-runs/cohort}
 SHARED=${SHARED:-../shared/data}
 export PYTHONPATH=${PYTHONPATH:-src}
-COMMON="--shared $SHARED --cache $RUN/cache --threads 2 --val-pairs 12"
+# the pose ranges the bundled model was trained with (PoseConfig's defaults are smaller since 2026-12)
+COMMON="--shared $SHARED --cache $RUN/cache --threads 2 --val-pairs 12 --pose {\"scale\":0.15,\"shear\":0.05}"
 python -m avsm.cli.main -v train --sources ixi=0.7,synthseg=0.3 --out "$RUN/affine" --stage affine \
     --epochs 200 --iters-per-epoch 25 --init-from src/avsm/data/weights/avsm_brain_templates.pt --seed 0 \
     --max-minutes 20 $COMMON

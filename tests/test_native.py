@@ -17,7 +17,7 @@ from avsm.errors import AvsmError
 from avsm.io.image import Volume
 from avsm.losses.lncc import MKLNCC
 from avsm.optim.vsvf_opt import build_similarity
-from avsm.settings import DEFAULT_PRESET, NATIVE_FLOOR_MM, PRESETS, at_spacing, preset
+from avsm.settings import DEFAULT_PRESET, NATIVE_FLOOR_MM, PRESETS, NetworkSettings, at_spacing, preset
 
 DATA = Path(__file__).parent / "data"
 
@@ -146,3 +146,25 @@ def test_net_opt_fast_start_carries_the_network_onto_the_native_grid() -> None:
     h = refined.info["vsvf_history"]
     assert h and h[-1]["loss"] <= h[0]["loss"] + 1e-6
     assert refined.folds() == 0
+
+
+def test_net_opt_with_network_affine_opt_runs_opts_own_affine_stage() -> None:
+    """``net+opt --network-affine opt`` with the native preset: affine-opt runs on the registration's
+    grid at the preset's own levels, so from the same initialisation its affine is ``opt``'s (the
+    issue found it at 4.2 mm only, coarser than ``opt``'s, and 0.09 Dice lower on one 1 mm pair)."""
+    fixed = _resampled(2.0)
+    rot = sitk.Euler3DTransform((0.0, 0.0, 0.0), 0.05, -0.03, 0.02, (2.0, -1.0, 1.0))
+    rot.SetCenter(fixed.TransformContinuousIndexToPhysicalPoint([(s - 1) / 2 for s in fixed.GetSize()]))
+    moving = sitk.Resample(fixed, fixed, rot, sitk.sitkBSpline, 0.0)
+    F, M = Volume.from_sitk(fixed), Volume.from_sitk(moving)
+    base = preset("native", init="header")
+    short = dataclasses.replace(base.vsvf, iterations=(0, 0))
+    no_refine = dataclasses.replace(base.refine, iterations=(0,))
+    ref = register(fixed=F, moving=M, settings=base.replace(method="opt", vsvf=short), progress=False)
+    net = register(fixed=F, moving=M, settings=base.replace(method="net+opt", refine=no_refine,
+                                                             network=NetworkSettings(affine="opt")), progress=False)
+    assert net.info["network_grid"] != list(net.fixed_grid.shape)  # the network ran on its own grid
+    assert len(net.info["affine_history"]) == len(ref.info["affine_history"])  # the same levels and iterations
+    torch.testing.assert_close(net.A, ref.A, atol=1e-6, rtol=0)
+    torch.testing.assert_close(net.b, ref.b, atol=1e-6, rtol=0)
+    assert not torch.allclose(ref.A, torch.eye(3), atol=1e-3)  # the affine stage moved

@@ -309,9 +309,9 @@ def register(
         spacing = None  # an explicit shape wins
     if s.preset == "native" and spacing is not None and not isinstance(spacing, str):
         # the native preset's levels are millimetres: a coarser grid (the image's, --spacing, or the
-        # network's for --network-affine opt) keeps them, never finer than itself
+        # network's) keeps them, never finer than itself
         spacing = float(spacing)
-        s = s.replace(affine=at_spacing(s.affine, net_spacing or spacing), linear=at_spacing(s.linear, spacing),
+        s = s.replace(affine=at_spacing(s.affine, spacing), linear=at_spacing(s.linear, spacing),
                       vsvf=at_spacing(s.vsvf, spacing), refine=at_spacing(s.refine, spacing))
     if spacing is None and shape is None:
         spacing = max(2.0, min(fixed.grid.spacing))  # never upsample a coarse image
@@ -371,9 +371,11 @@ def register(
             nmw = Pyramid(mask_to_working(moving_mask, npair.moving_grid, device)) if moving_mask is not None else None
         affine_steps = s.network.affine_steps
         if s.network.affine == "opt":
-            # affine-opt from the initialisation replaces the affine network (its vSVF steps start there)
+            # affine-opt from the initialisation replaces the affine network (its vSVF steps start
+            # there); on the registration's grid at its own levels, so that it is ``opt``'s affine
+            # stage (on the network's coarser grid both native levels would collapse onto it)
             history = []
-            A0, b0 = optimise_affine(nf, nm, A0, b0, s.affine, weight=nfw, moving_weight=nmw,  # type: ignore[arg-type]
+            A0, b0 = optimise_affine(f, m, A0, b0, s.affine, weight=fw, moving_weight=mw,  # type: ignore[arg-type]
                                      history=history, progress=progress)
             info["affine_history"] = history
             timings["affine"] = time.perf_counter() - t1

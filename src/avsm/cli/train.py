@@ -45,7 +45,8 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--model", default="{}", help="JSON of AVSMConfig fields for a fresh model")
     p.add_argument("--augmentation", default="{}", help="JSON of AugmentConfig fields")
     p.add_argument("--sources", default="",
-                   help="mixture of the real cohort and synthesised pairs, e.g. 'ixi=0.6,synthseg=0.3,synth-ixi=0.1' "
+                   help="mixture of the real cohort and synthesised pairs, e.g. 'ixi=0.6,synthseg=0.3,synth-ixi=0.1'; "
+                        "'ixi-aligned=1' or 'distill=1': pairs pre-aligned by template affines (vsvf stage) "
                         "(avsm.train.mixture; replaces --data, validation on held-out IXI pairs)")
     p.add_argument("--shared", default="../shared/data", help="shared data folder (ixi185/, synthseg-label-maps/)")
     p.add_argument("--spacing", type=float, default=4.2, help="working spacing (mm) of the cohort sources")
@@ -56,6 +57,10 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--synth", default="{}", help="JSON of SynthConfig fields")
     p.add_argument("--dice-weight", type=float, default=0.0, help="weight of the Dice term on warped labels")
     p.add_argument("--dice-labels", type=int, default=16, help="labels per pair in the Dice term")
+    p.add_argument("--distill-weight", type=float, default=0.0,
+                   help="weight of the supervised map term against vSVF-opt's targets (source 'distill')")
+    p.add_argument("--distill-pairs", type=int, default=64,
+                   help="fixed pre-aligned training pairs of the 'distill' source (targets cached in --cache)")
     p.add_argument("--export", metavar="CKPT", help="only export CKPT as a slim weights file (--to)")
     p.add_argument("--to", help="destination of --export")
     p.add_argument("--override", default="{}", help="--export: JSON of inference config fields to set")
@@ -100,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
         model=model_cfg, augmentation=aug_cfg, sources=sources, shared=args.shared, spacing=args.spacing,
         cache=args.cache, subjects_limit=args.subjects_limit, val_pairs=args.val_pairs, pose=pose_cfg,
         synth=synth_cfg, dice_weight=args.dice_weight, dice_labels=args.dice_labels,
+        distill_weight=args.distill_weight, distill_pairs=args.distill_pairs,
     )
     train(cfg)
     return 0

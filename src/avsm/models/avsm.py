@@ -39,6 +39,7 @@ from avsm.core.sampling import warp
 from avsm.core.smoothing import DEFAULT_SIGMAS
 from avsm.losses.consistency import map_inverse_consistency
 from avsm.losses.dice import warped_dice_loss
+from avsm.losses.distill import map_distance_vox
 from avsm.losses.lncc import MKLNCC
 from avsm.models.affine import MultiStepAffine, _autocast
 from avsm.models.domain import DomainReference
@@ -340,6 +341,8 @@ class AVSM(nn.Module):
         fixed_labels: torch.Tensor | None = None,
         dice_weight: float = 0.0,
         dice_labels: int = 16,
+        target_map: torch.Tensor | None = None,
+        distill_weight: float = 0.0,
     ) -> dict[str, torch.Tensor]:
         """The training loss of ``stage`` (``affine`` or ``vsvf``) on a batch.
 
@@ -358,6 +361,11 @@ class AVSM(nn.Module):
                 affine stage).
             dice_weight: weight of the Dice term (0: the paper's unsupervised loss only).
             dice_labels: labels per pair in the Dice term (a random subset when more are shared).
+            target_map: ``(B, 3, D, H, W)`` a target map of the forward direction (vSVF stage), e.g.
+                vSVF-opt's (:mod:`avsm.train.prealign`); adds ``distill_weight ·``
+                :func:`avsm.losses.distill.map_distance_vox` (voxels² of the grid; reported as
+                ``distill`` whatever its weight).
+            distill_weight: weight of that supervised term.
 
         Returns:
             Named scalars; ``total`` is the one to back-propagate (``dice`` is ``1 −`` mean
@@ -410,6 +418,11 @@ class AVSM(nn.Module):
             terms["dice"] = dice.detach()
             if dice_weight > 0:
                 total = total + dice_weight * dice
+        if target_map is not None:
+            distill = map_distance_vox(out.phi[:B], target_map.to(out.phi.dtype)).mean()
+            terms["distill"] = distill.detach()
+            if distill_weight > 0:
+                total = total + distill_weight * distill
         return {"total": total, **terms}
 
     # ------------------------------------------------------------------ persistence

@@ -10,7 +10,17 @@ Sources, by name (weights in :attr:`avsm.train.trainer.TrainConfig.sources`):
     probability ½, skull-stripped by dropping the non-brain labels);
 ``synth-ixi``
     images synthesised from the IXI training subjects' DLMUSE parcellations (brain only: the
-    parcellation has no extra-cerebral labels).
+    parcellation has no extra-cerebral labels);
+``ixi-aligned``
+    real cross-subject IXI pairs pre-aligned by composed template affines (each subject
+    registered once to the MNI 2009a template; :class:`avsm.train.prealign.AlignedPairs`), one
+    resampling per image: the vSVF network's setting in the paper;
+``distill``
+    a fixed set of ``ixi-aligned`` pairs with vSVF-opt's maps as supervised targets
+    (:class:`avsm.train.prealign.DistillPairs`, weight ``distill_weight``).
+
+The last two (:data:`PREALIGNED_SOURCES`) train the vSVF stage without the affine network, and
+validation then uses pre-aligned held-out pairs too.
 
 Validation uses held-out IXI subjects only (:func:`avsm.train.cohort.split_held_out`, the
 validation half); the test half and OASIS-TRT-20 are for the benchmarks.
@@ -48,11 +58,18 @@ from avsm.train.data import (
 )
 from avsm.train.synth import SynthConfig, SynthPairs, load_label_maps
 
-__all__ = ["SOURCES", "build_mixture", "build_validation", "synthseg_maps", "training_subjects"]
+__all__ = ["PREALIGNED_SOURCES", "SOURCES", "TEMPLATE", "build_mixture", "build_validation", "synthseg_maps",
+           "template_volume", "training_subjects"]
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("ixi", "synthseg", "synth-ixi")
+SOURCES = ("ixi", "synthseg", "synth-ixi", "ixi-aligned", "distill")
+#: sources whose pairs are pre-aligned by template affines (no affine network in training)
+PREALIGNED_SOURCES = ("ixi-aligned", "distill")
+#: the template of the pre-alignment (BSD-3, allowed for training: ../shared/data/README.md)
+TEMPLATE = "mni2009a_t1.nii.gz"
+#: its grey- and white-matter probability maps (0..255), which strip it
+TEMPLATE_TISSUES = ("mni2009a_gm_prob.nii.gz", "mni2009a_wm_prob.nii.gz")
 
 #: working shape of the SynthSeg label maps (256³ at 1 mm → the api's working grid at ~4 mm)
 SYNTHSEG_SHAPE = (64, 64, 64)
@@ -83,20 +100,67 @@ def synthseg_maps(shared: str | os.PathLike[str], cache: str | os.PathLike[str] 
     return maps
 
 
+def template_volume(shared: str | os.PathLike[str], spacing: float) -> tuple[torch.Tensor, np.ndarray]:
+    """The pre-alignment template, skull-stripped, on its working grid at ``spacing`` mm:
+    ``((1, 1, D, H, W), unit → world)``.
+
+    The brain is the template's grey + white matter probability above 0.3, closed and filled
+    (:func:`avsm.train.data.brain_mask`'s operations); subjects are registered to it by their
+    stripped brains: on whole heads the neck and the field of view pulled 5 of 60 IXI subjects'
+    affines off (rotation > 30° or scale beyond e^±0.3), brain to brain 1 of 60
+    (``benchmarks/pose_ranges.py``, model card).
+    """
+    from avsm.io.image import load_image
+    from avsm.io.working import to_working, working_grid_for
+    from avsm.train.data import brain_mask
+
+    paths = [Path(shared) / n for n in (TEMPLATE, *TEMPLATE_TISSUES)]
+    check_training_sources(paths)
+    img, gm, wm = (load_image(p) for p in paths)
+    tissue = (np.asarray(gm.array, dtype=np.float32) + np.asarray(wm.array, dtype=np.float32)) / 255.0
+    mask = brain_mask((tissue > 0.3).astype(np.int16), img.grid.spacing)
+    grid = working_grid_for(img.grid, spacing=spacing)
+    return torch.from_numpy(to_working(img.with_array(img.array * mask), grid))[None, None], grid.unit_to_world()
+
+
+def _aligned(volumes: list[CohortVolume], shared: str | os.PathLike[str], spacing: float, length: int, *,
+             seed: int, cache: str | os.PathLike[str] | None, augment: bool) -> Any:
+    from avsm.train.prealign import AlignedPairs, plausible_affine, template_affines  # pre-aligned runs only
+
+    tpl, tpl_u2w = template_volume(shared, spacing)
+    affines = template_affines(volumes, tpl, tpl_u2w, cache=cache)
+    keep = [k for k, (v, T) in enumerate(zip(volumes, affines)) if plausible_affine(T, v.unit_to_world, tpl_u2w)]
+    if len(keep) < len(volumes):
+        log.warning("template affines: %d of %d subjects implausible (left out): %s", len(volumes) - len(keep),
+                    len(volumes), ", ".join(v.subject for k, v in enumerate(volumes) if k not in keep))
+    return AlignedPairs([volumes[k] for k in keep], [affines[k] for k in keep], length, seed=seed, augment=augment)
+
+
 def build_mixture(sources: Mapping[str, float], shared: str | os.PathLike[str], spacing: float, length: int,
                   *, seed: int = 0, cache: str | os.PathLike[str] | None = None,
                   augment: AugmentConfig | None = None, pose: PoseConfig | None = None,
                   synth: SynthConfig | None = None, subjects_limit: int = 0,
-                  cohort: list[CohortVolume] | None = None) -> MixedPairs:
+                  cohort: list[CohortVolume] | None = None, model_config: Any = None,
+                  distill_pairs: int = 64) -> MixedPairs:
     """The mixture of the named ``sources`` (see module doc) with their weights.
 
+    ``model_config`` (an :class:`avsm.models.avsm.AVSMConfig`) sets the kernel and integrator of
+    the ``distill`` targets; ``distill_pairs`` their number.
+
     Raises:
-        AvsmError: an unknown source name.
+        AvsmError: an unknown source name, or pre-aligned sources mixed with posed ones.
     """
     unknown = [k for k in sources if k not in SOURCES]
     if unknown:
         raise AvsmError(f"unknown training source(s) {unknown}; choose among {', '.join(SOURCES)}")
-    need_cohort = any(sources.get(k, 0) > 0 for k in ("ixi", "synth-ixi"))
+    active = [k for k, w in sources.items() if w > 0]
+    if any(k in PREALIGNED_SOURCES for k in active) and not all(k in PREALIGNED_SOURCES for k in active):
+        raise AvsmError("pre-aligned sources (ixi-aligned, distill) cannot be mixed with posed ones "
+                        f"(the affine network runs on one and not the other): {', '.join(active)}")
+    if "distill" in active and "ixi-aligned" in active:
+        raise AvsmError("train 'distill' (the supervised warm start) and 'ixi-aligned' in two runs "
+                        "(--init-from the first): their items differ")
+    need_cohort = any(sources.get(k, 0) > 0 for k in ("ixi", "synth-ixi", "ixi-aligned", "distill"))
     if need_cohort and cohort is None:
         cohort = prepare_cohort(training_subjects(shared, subjects_limit), spacing, cache)
     parts: list[Dataset] = []
@@ -107,6 +171,18 @@ def build_mixture(sources: Mapping[str, float], shared: str | os.PathLike[str], 
         if name == "ixi":
             assert cohort is not None
             ds: Dataset = CohortPairs(cohort, length, seed=seed, augment_config=augment or AugmentConfig(), pose=pose)
+        elif name == "ixi-aligned":
+            assert cohort is not None
+            ds = _aligned(cohort, shared, spacing, length, seed=seed, cache=cache, augment=augment is not None)
+        elif name == "distill":
+            from avsm.models.avsm import AVSMConfig
+            from avsm.train.prealign import DistillPairs, distillation_config
+
+            assert cohort is not None
+            fixed_set = _aligned(cohort, shared, spacing, distill_pairs, seed=seed + 5, cache=cache, augment=False)
+            ds = DistillPairs(fixed_set, distill_pairs, distillation_config(model_config or AVSMConfig()),
+                              cache=cache)
+            ds.prepare()
         elif name == "synthseg":
             ds = PosedSynthPairs(SynthPairs(synthseg_maps(shared, cache), synth, seed=seed + 1, length=length),
                                  spacing, seed=seed, pose=pose, name=name)
@@ -122,9 +198,19 @@ def build_mixture(sources: Mapping[str, float], shared: str | os.PathLike[str], 
 
 
 def build_validation(shared: str | os.PathLike[str], spacing: float, n: int, *,
-                     cache: str | os.PathLike[str] | None = None, pose: PoseConfig | None = None
-                     ) -> list[dict[str, Any]]:
-    """``n`` fixed validation pairs of the held-out IXI validation subjects (half whole head, half stripped)."""
+                     cache: str | os.PathLike[str] | None = None, pose: PoseConfig | None = None,
+                     prealigned: bool = False) -> list[dict[str, Any]]:
+    """``n`` fixed validation pairs of the held-out IXI validation subjects (half whole head, half
+    stripped); ``prealigned``: pre-aligned by their template affines instead of posed and initialised."""
     _, held = split_subjects(ixi_subjects(Path(shared) / "ixi185"))
     val, _ = split_held_out(held)
-    return cohort_validation_pairs(prepare_cohort(val, spacing, cache), n, pose=pose)
+    vols = prepare_cohort(val, spacing, cache)
+    if not prealigned:
+        return cohort_validation_pairs(vols, n, pose=pose)
+    ds = _aligned(vols, shared, spacing, n, seed=12345, cache=cache, augment=False)
+    out = []
+    for k in range(n):
+        item = ds[k]
+        item["name"] = f"aligned{k}"
+        out.append(item)
+    return out

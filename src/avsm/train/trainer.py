@@ -57,6 +57,7 @@ from avsm.errors import AvsmError
 from avsm.metrics.overlap import dice_per_label
 from avsm.models.avsm import AVSM, AVSMConfig
 from avsm.train.augment import AugmentConfig
+from avsm.train.mixture import PREALIGNED_SOURCES
 from avsm.train.data import (
     PairDataset,
     PoseConfig,
@@ -106,6 +107,9 @@ class TrainConfig:
         synth: :class:`avsm.train.synth.SynthConfig` fields.
         dice_weight: weight of the Dice term on the warped labels (0: unsupervised only).
         dice_labels: labels per pair in the Dice term.
+        distill_weight: weight of the supervised map term against vSVF-opt's targets (source
+            ``distill``, :mod:`avsm.train.prealign`).
+        distill_pairs: how many fixed training pairs the ``distill`` source holds (targets cached).
     """
 
     data: str = ""
@@ -139,6 +143,8 @@ class TrainConfig:
     synth: dict[str, Any] = field(default_factory=dict)
     dice_weight: float = 0.0
     dice_labels: int = 16
+    distill_weight: float = 0.0
+    distill_pairs: int = 64
 
 
 def versions() -> dict[str, str]:
@@ -199,11 +205,13 @@ class _LossModule(nn.Module):
     def forward(self, moving: torch.Tensor, fixed: torch.Tensor, stage: str, epoch: float,
                 affine_steps: int | None, symmetric: bool, moving_labels: torch.Tensor | None = None,
                 fixed_labels: torch.Tensor | None = None, dice_weight: float = 0.0,
-                dice_labels: int = 16) -> dict[str, torch.Tensor]:
+                dice_labels: int = 16, target_map: torch.Tensor | None = None,
+                distill_weight: float = 0.0) -> dict[str, torch.Tensor]:
         return self.model.training_loss(moving, fixed, stage=stage, epoch=epoch,
                                         affine_steps=affine_steps, symmetric=symmetric,
                                         moving_labels=moving_labels, fixed_labels=fixed_labels,
-                                        dice_weight=dice_weight, dice_labels=dice_labels)
+                                        dice_weight=dice_weight, dice_labels=dice_labels,
+                                        target_map=target_map, distill_weight=distill_weight)
 
 
 def _dist_info() -> tuple[int, int, int]:
@@ -272,6 +280,10 @@ class Trainer:
         aug = AugmentConfig(**cfg.augmentation)
         length = cfg.iters_per_epoch * cfg.batch_size * self.world
         self.dataset: Any
+        # pre-aligned sources (template affines): the pairs are aligned, the affine network is skipped
+        self.prealigned = any(w > 0 and k in PREALIGNED_SOURCES for k, w in cfg.sources.items())
+        if self.prealigned and cfg.stage != "vsvf":
+            raise AvsmError("pre-aligned sources (ixi-aligned, distill) train the vsvf stage only")
         if cfg.sources:
             from avsm.train.mixture import (  # local: cohort runs only
                 build_mixture,
@@ -282,15 +294,16 @@ class Trainer:
             pose = PoseConfig(**cfg.pose)
             self.dataset = build_mixture(cfg.sources, cfg.shared, cfg.spacing, length, seed=cfg.seed,
                                          cache=cfg.cache, augment=aug if cfg.augment else None, pose=pose,
-                                         synth=SynthConfig(**cfg.synth), subjects_limit=cfg.subjects_limit)
+                                         synth=SynthConfig(**cfg.synth), subjects_limit=cfg.subjects_limit,
+                                         model_config=self.model.config, distill_pairs=cfg.distill_pairs)
         else:
             self.dataset = PairDataset(self.volumes, length, augment=cfg.augment, augment_config=aug,
                                        seed=cfg.seed)
         self.sampler = (DistributedSampler(self.dataset, num_replicas=self.world, rank=self.rank,
                                            shuffle=True, seed=cfg.seed) if self.distributed else None)
         if cfg.sources:
-            self.val = build_validation(cfg.shared, cfg.spacing, cfg.val_pairs, cache=cfg.cache, pose=pose) \
-                if cfg.val_pairs > 0 else []
+            self.val = build_validation(cfg.shared, cfg.spacing, cfg.val_pairs, cache=cfg.cache, pose=pose,
+                                        prealigned=self.prealigned) if cfg.val_pairs > 0 else []
         else:
             self.val = validation_pairs(self.volumes, cfg.val_per_volume, augment_config=aug) \
                 if cfg.val_per_volume > 0 else []
@@ -347,6 +360,8 @@ class Trainer:
     # ------------------------------------------------------------------ loop
 
     def affine_steps(self, epoch: int) -> int | None:
+        if self.prealigned:
+            return 0
         """Affine steps of ``epoch``: 1 during the single-step phase, else the config's."""
         if self.cfg.stage == "affine" and self.schedule_epoch(epoch) < self.cfg.single_step_epochs:
             return 1
@@ -360,9 +375,11 @@ class Trainer:
         ml, fl = batch.get("moving_labels"), batch.get("fixed_labels")
         if ml is not None and fl is not None:
             ml, fl = ml.to(self.device), fl.to(self.device)
+        tm = batch.get("target_map")
         losses = self.loss_module(m, f, self.cfg.stage, self.schedule_epoch(epoch + frac), self.affine_steps(epoch),
                                   self.cfg.symmetric,
-                                  ml, fl, self.cfg.dice_weight, self.cfg.dice_labels)
+                                  ml, fl, self.cfg.dice_weight, self.cfg.dice_labels,
+                                  tm.to(self.device) if tm is not None else None, self.cfg.distill_weight)
         self.optimizer.zero_grad(set_to_none=True)
         losses["total"].backward()
         self.optimizer.step()
@@ -380,7 +397,7 @@ class Trainer:
         for item in self.val:
             m = item["moving"][None].to(self.device)
             f = item["fixed"][None].to(self.device)
-            out = self.model(m, f, vsvf_steps=n_v, with_loss=False)
+            out = self.model(m, f, affine_steps=0 if self.prealigned else None, vsvf_steps=n_v, with_loss=False)
             lab = warp(item["moving_labels"][None].to(self.device), out.phi, mode="nearest")
             dices.append(_mean_dice(lab[0, 0], item["fixed_labels"][0]))
             base.append(_mean_dice(item["moving_labels"][0], item["fixed_labels"][0]))
