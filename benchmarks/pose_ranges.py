@@ -61,8 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     pct = (50, 90, 99, 100)
     report = {
         "pairs": len(angles), "subjects": len(vols), "implausible_template_affines": len(vols) - len(keep),
-        "subject_to_template_log_scales_mean": [round(float(x), 3) for x in to_tpl.mean(0)],
-        "subject_to_template_log_scales_sd": [round(float(x), 3) for x in to_tpl.std(0)],
+        # the stretch's log-eigenvalues in ascending order (smallest, middle, largest scale), not per axis
+        "subject_to_template_sorted_log_scales_mean": [round(float(x), 3) for x in to_tpl.mean(0)],
+        "subject_to_template_sorted_log_scales_sd": [round(float(x), 3) for x in to_tpl.std(0)],
         "rotation_deg": {p: round(float(np.percentile(angles, p)), 2) for p in pct},
         "max_abs_log_scale": {p: round(float(np.percentile(scales, p)), 4) for p in pct},
         "max_abs_shear": {p: round(float(np.percentile(shears, p)), 4) for p in pct},

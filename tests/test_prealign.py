@@ -123,10 +123,13 @@ def test_aligned_pairs_resample_each_image_once_through_the_composed_map() -> No
     assert not torch.allclose(item["fixed_map"], identity_map(SHAPE)[0], atol=1e-3)  # ψ is not the identity
     # deterministic; without augmentation the pair is exactly the composed template affines
     torch.testing.assert_close(ds[2]["moving"], item["moving"], atol=0, rtol=0)
-    plain = AlignedPairs(vols, affines, 2, seed=3, augment=False, return_maps=True)[0]
+    plain = AlignedPairs(vols, affines, 2, seed=3, augment=False)[0]
     i, j = plain["pair"].tolist()
-    torch.testing.assert_close(plain["moving_map"][None], affine_map(*pair_affine(affines[i], affines[j]), SHAPE),
-                               atol=1e-6, rtol=0)
+    # the true template affines align the two subjects: the moving image becomes the fixed one
+    head = vols[j].whole[0] > 0.2
+    aligned = float((plain["moving"] - plain["fixed"]).abs()[head].mean())
+    unaligned = float((vols[i].whole[0] - vols[j].whole[0]).abs()[head].mean())
+    assert aligned < 0.2 * unaligned, (aligned, unaligned)
 
 
 def _deformed_pair(shape: tuple[int, int, int] = (32, 32, 32)) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,10 +142,12 @@ def _deformed_pair(shape: tuple[int, int, int] = (32, 32, 32)) -> tuple[torch.Te
     return warp(fixed, phi), fixed
 
 
-def test_distillation_targets_round_trip_through_the_networks_vsvf() -> None:
-    """vSVF-opt's momentum on the network's grid, integrated by the network's own VSVF, is opt's map."""
+@pytest.mark.parametrize("integrator", ["ss", "rk4"])
+def test_distillation_targets_round_trip_through_the_networks_vsvf(integrator: str) -> None:
+    """vSVF-opt's momentum on the network's grid, integrated by the network's own VSVF, is opt's map
+    (scaling and squaring, and the bundled model's RK4 with its CFL clamp)."""
     moving, fixed = _deformed_pair()
-    mc = AVSMConfig(unet_base=4, integrator="ss", sigmas=(0.04, 0.08), amp=False)
+    mc = AVSMConfig(unet_base=4, integrator=integrator, sigmas=(0.04, 0.08), amp=False)
     cfg = distillation_config(mc, lncc_windows=(5,), iterations=(20, 20))
     mom, phi = distillation_target(moving, fixed, cfg)
     model = AVSM(mc)
@@ -152,6 +157,8 @@ def test_distillation_targets_round_trip_through_the_networks_vsvf() -> None:
     torch.testing.assert_close(again, phi, atol=1e-5, rtol=0)
     assert float(map_distance_vox(phi, identity_map(fixed.shape[2:]))) > 0.05  # opt moved the map
     assert float(map_distance_vox(again, phi)) < 1e-8
+    with pytest.raises(ValueError, match="kernel weights"):
+        distillation_config(AVSMConfig(sigmas=(0.04, 0.08), sigma_weights=(0.5, 0.5)))
 
 
 def test_a_network_trained_to_zero_distillation_loss_reproduces_opts_map() -> None:
@@ -182,7 +189,8 @@ def test_a_network_trained_to_zero_distillation_loss_reproduces_opts_map() -> No
     assert float(terms["total"]) == pytest.approx(float(unsupervised) + 3.0 * final, rel=1e-5)
 
 
-def test_distill_pairs_compute_targets_once_and_draw_them_per_epoch(tmp_path) -> None:
+def test_distill_pairs_compute_targets_once_and_draw_them_per_epoch(tmp_path, monkeypatch) -> None:
+    import avsm.train.prealign as prealign
     from avsm.train.prealign import DistillPairs
 
     tpl = _head()
@@ -193,6 +201,11 @@ def test_distill_pairs_compute_targets_once_and_draw_them_per_epoch(tmp_path) ->
     ds.prepare()
     assert len(list(tmp_path.glob("distill_*.npz"))) == 3
     again = DistillPairs(AlignedPairs(vols, affines, 4, seed=1, augment=False), 3, cfg, cache=tmp_path)
+
+    def no_recompute(*a: object, **k: object) -> None:
+        raise AssertionError("the cached target was recomputed")
+
+    monkeypatch.setattr(prealign, "distillation_target", no_recompute)
     item, cached = ds._item(1), again._item(1)  # the second reads the cache
     torch.testing.assert_close(item["target_map"], cached["target_map"], atol=0, rtol=0)
     assert item["target_map"].shape == (3, *SHAPE) and item["source"] == "distill"
@@ -200,4 +213,33 @@ def test_distill_pairs_compute_targets_once_and_draw_them_per_epoch(tmp_path) ->
     for epoch in range(4):
         ds.set_epoch(epoch)
         drawn.append(tuple(int(ds[i]["pair"][0] * 10 + ds[i]["pair"][1]) for i in range(4)))
-    assert len(set(drawn)) > 1  # each epoch draws its own subset of the fixed pairs
+    assert len(set(drawn)) > 1  # each epoch draws its own pairs among the fixed ones
+    # another template affine (so other images) never reads these targets
+    other = [invert_affine(*_affine((5 * k, 2, 0), (1.0,) * 3, (0.0, 0.01 * k, 0))) for k in range(3)]
+    with pytest.raises(AssertionError, match="recomputed"):
+        DistillPairs(AlignedPairs(vols, other, 4, seed=1, augment=False), 3, cfg, cache=tmp_path)._item(1)
+
+
+def test_implausible_template_affines_are_recognised() -> None:
+    from avsm.train.prealign import decompose_mm, plausible_affine
+
+    u2w_s, u2w_t = _u2w(mm=1.0), _u2w(mm=1.2)
+    A, b = _affine((20, 0, 0), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0))
+    # a 20° rotation between grids of 1 and 1.2 mm: in millimetres a rotation and a uniform 1/1.2 scale
+    angle, ls, shear = decompose_mm(A * 1.2, u2w_s, u2w_t)
+    assert angle == pytest.approx(20.0, abs=1e-3) and np.allclose(ls, 0.0, atol=1e-6) and shear < 1e-6
+    assert plausible_affine((A * 1.2, b), u2w_s, u2w_t)
+    assert not plausible_affine(_affine((40, 0, 0), (1.2,) * 3, (0, 0, 0)), u2w_s, u2w_t)  # rotation
+    assert not plausible_affine(_affine((0, 0, 0), (1.2, 1.2, 2.0), (0, 0, 0)), u2w_s, u2w_t)  # scale e^0.51
+    flip = torch.diag(torch.tensor([-1.2, 1.2, 1.2]))[None]
+    assert not plausible_affine((flip, b), u2w_s, u2w_t)  # a reflection
+
+
+def test_mixture_refuses_pre_aligned_sources_beside_posed_ones() -> None:
+    from avsm.errors import AvsmError
+    from avsm.train.mixture import build_mixture
+
+    with pytest.raises(AvsmError, match="cannot be mixed"):
+        build_mixture({"ixi": 0.5, "ixi-aligned": 0.5}, "nowhere", 4.2, 4)
+    with pytest.raises(AvsmError, match="two runs"):
+        build_mixture({"distill": 0.5, "ixi-aligned": 0.5}, "nowhere", 4.2, 4)

@@ -145,7 +145,7 @@ def test_initialisation_undoes_most_of_a_large_random_pose() -> None:
     v = _volume("a", 0)
     header, auto = [], []
     for k in range(6):
-        cfg = PoseConfig(p_pose=1.0, random_strength=False)
+        cfg = PoseConfig(p_pose=1.0, random_strength=False, scale=0.15, shear=0.05)
         _, lh, _ = pose_and_initialise(v.whole, v.labels.long(), v.unit_to_world, v.whole, v.unit_to_world,
                                        torch.Generator().manual_seed(k), PoseConfig(**{**cfg.__dict__, "init": "header"}))
         _, la, _ = pose_and_initialise(v.whole, v.labels.long(), v.unit_to_world, v.whole, v.unit_to_world,

@@ -364,11 +364,7 @@ def register(
             steps.append(res.model.record(res.velocity))
     else:
         assert net is not None
-        nf, nm, nfw, nmw = f, m, fw, mw
-        if npair is not pair:
-            nf, nm = Pyramid(npair.fixed_t), Pyramid(npair.moving_t)
-            nfw = Pyramid(mask_to_working(fixed_mask, npair.fixed_grid, device)) if fixed_mask is not None else None
-            nmw = Pyramid(mask_to_working(moving_mask, npair.moving_grid, device)) if moving_mask is not None else None
+        nf, nm = (f, m) if npair is pair else (Pyramid(npair.fixed_t), Pyramid(npair.moving_t))
         affine_steps = s.network.affine_steps
         if s.network.affine == "opt":
             # affine-opt from the initialisation replaces the affine network (its vSVF steps start

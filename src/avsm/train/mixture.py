@@ -107,8 +107,8 @@ def template_volume(shared: str | os.PathLike[str], spacing: float) -> tuple[tor
     The brain is the template's grey + white matter probability above 0.3, closed and filled
     (:func:`avsm.train.data.brain_mask`'s operations); subjects are registered to it by their
     stripped brains: on whole heads the neck and the field of view pulled 5 of 60 IXI subjects'
-    affines off (rotation > 30° or scale beyond e^±0.3), brain to brain 1 of 60
-    (``benchmarks/pose_ranges.py``, model card).
+    affines off (rotation > 30° or a scale beyond e^±0.3), brain to brain 1 of 60 (the same test;
+    :func:`avsm.train.prealign.plausible_affine` leaves out beyond 30° or e^±0.4).
     """
     from avsm.io.image import load_image
     from avsm.io.working import to_working, working_grid_for
@@ -124,8 +124,14 @@ def template_volume(shared: str | os.PathLike[str], spacing: float) -> tuple[tor
 
 
 def _aligned(volumes: list[CohortVolume], shared: str | os.PathLike[str], spacing: float, length: int, *,
-             seed: int, cache: str | os.PathLike[str] | None, augment: bool) -> Any:
-    from avsm.train.prealign import AlignedPairs, plausible_affine, template_affines  # pre-aligned runs only
+             seed: int, cache: str | os.PathLike[str] | None, augment: AugmentConfig | None,
+             p_strip: float = 0.5) -> Any:
+    from avsm.train.prealign import (  # local: pre-aligned runs only
+        AlignConfig,
+        AlignedPairs,
+        plausible_affine,
+        template_affines,
+    )
 
     tpl, tpl_u2w = template_volume(shared, spacing)
     affines = template_affines(volumes, tpl, tpl_u2w, cache=cache)
@@ -133,7 +139,9 @@ def _aligned(volumes: list[CohortVolume], shared: str | os.PathLike[str], spacin
     if len(keep) < len(volumes):
         log.warning("template affines: %d of %d subjects implausible (left out): %s", len(volumes) - len(keep),
                     len(volumes), ", ".join(v.subject for k, v in enumerate(volumes) if k not in keep))
-    return AlignedPairs([volumes[k] for k in keep], [affines[k] for k in keep], length, seed=seed, augment=augment)
+    cfg = AlignConfig(shared=augment or AlignConfig().shared, p_strip=p_strip)
+    return AlignedPairs([volumes[k] for k in keep], [affines[k] for k in keep], length, seed=seed,
+                        config=cfg, augment=augment is not None)
 
 
 def build_mixture(sources: Mapping[str, float], shared: str | os.PathLike[str], spacing: float, length: int,
@@ -173,13 +181,14 @@ def build_mixture(sources: Mapping[str, float], shared: str | os.PathLike[str], 
             ds: Dataset = CohortPairs(cohort, length, seed=seed, augment_config=augment or AugmentConfig(), pose=pose)
         elif name == "ixi-aligned":
             assert cohort is not None
-            ds = _aligned(cohort, shared, spacing, length, seed=seed, cache=cache, augment=augment is not None)
+            # --augmentation is the shared augmentation ψ of both sides (it keeps the pair aligned)
+            ds = _aligned(cohort, shared, spacing, length, seed=seed, cache=cache, augment=augment)
         elif name == "distill":
             from avsm.models.avsm import AVSMConfig
             from avsm.train.prealign import DistillPairs, distillation_config
 
             assert cohort is not None
-            fixed_set = _aligned(cohort, shared, spacing, distill_pairs, seed=seed + 5, cache=cache, augment=False)
+            fixed_set = _aligned(cohort, shared, spacing, distill_pairs, seed=seed + 5, cache=cache, augment=None)
             ds = DistillPairs(fixed_set, distill_pairs, distillation_config(model_config or AVSMConfig()),
                               cache=cache)
             ds.prepare()
@@ -207,10 +216,12 @@ def build_validation(shared: str | os.PathLike[str], spacing: float, n: int, *,
     vols = prepare_cohort(val, spacing, cache)
     if not prealigned:
         return cohort_validation_pairs(vols, n, pose=pose)
-    ds = _aligned(vols, shared, spacing, n, seed=12345, cache=cache, augment=False)
+    # half whole head, half stripped, as the posed validation pairs
+    whole = _aligned(vols, shared, spacing, n, seed=12345, cache=cache, augment=None, p_strip=0.0)
+    brain = _aligned(vols, shared, spacing, n, seed=12346, cache=cache, augment=None, p_strip=1.0)
     out = []
     for k in range(n):
-        item = ds[k]
-        item["name"] = f"aligned{k}"
+        item = (whole if k < n // 2 else brain)[k]
+        item["name"] = f"aligned-{'whole' if k < n // 2 else 'brain'}{k}"
         out.append(item)
     return out

@@ -15,8 +15,8 @@ values, so the chain is composed exactly and the moving image is interpolated on
 
 Distillation (:func:`distillation_target`): vSVF-opt on a pre-aligned pair, on the network's
 own grid with the network's own kernel and integrator, gives a momentum ``m*`` on the network's
-momentum grid; the network's :class:`avsm.models.vsvf.VSVF` turns ``m*`` back into exactly
-opt's map (the round trip is tested).  :class:`DistillPairs` holds a fixed set of such pairs
+momentum grid; one step of the network's :class:`avsm.models.vsvf.VSVF` turns ``m*`` back into
+exactly opt's map (the round trip is tested).  :class:`DistillPairs` holds a fixed set of such pairs
 with their targets (cached on disk); :meth:`avsm.models.avsm.AVSM.training_loss` adds
 ``distill_weight ·`` the mean squared map difference (voxels² of the network grid) to the
 unsupervised loss (a supervised warm start, as Quicksilver's for LDDMM momentum).
@@ -47,11 +47,13 @@ from avsm.train.data import CohortVolume, EpochDataset, sample_seed
 
 log = logging.getLogger(__name__)
 
-__all__ = ["AlignConfig", "AlignedPairs", "DistillPairs", "TEMPLATE_AFFINE", "affine_on_map", "decompose_mm",
+__all__ = ["AlignConfig", "AlignedPairs", "DistillPairs", "MAX_TARGET_DISPLACEMENT", "TEMPLATE_AFFINE", "affine_on_map", "decompose_mm",
            "plausible_affine",
            "distillation_config", "distillation_target", "pair_affine", "template_affine",
            "template_affines"]
 
+#: the largest displacement (unit coordinates: a quarter of the box) a distillation target may have
+MAX_TARGET_DISPLACEMENT = 0.25
 #: affine-opt of a subject to the template on a ~4 mm working grid (levels ~8 and ~4 mm)
 TEMPLATE_AFFINE = AffineOptConfig(scales=(0.5, 1.0), iterations=(80, 40), lr=1e-2, tol=1e-4, window=10)
 
@@ -103,13 +105,13 @@ def template_affines(volumes: Sequence[CohortVolume], template: torch.Tensor, te
     for v in volumes:
         path = Path(cache) / f"tpl_{v.subject}_{key_base}.npz" if cache is not None else None
         if path is not None and path.is_file():
-            z = np.load(path)
-            out.append((torch.from_numpy(z["A"]), torch.from_numpy(z["b"])))
+            with np.load(path) as z:
+                out.append((torch.from_numpy(z["A"]), torch.from_numpy(z["b"])))
             continue
         A, b = template_affine(v.brain, v.unit_to_world, template, template_u2w, config)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp.npz")
+            tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")  # per process: ranks may race
             np.savez(tmp, A=A.numpy(), b=b.numpy())
             os.replace(tmp, path)
         out.append((A, b))
@@ -125,9 +127,12 @@ def decompose_mm(A: torch.Tensor, moving_u2w: np.ndarray, fixed_u2w: np.ndarray)
         moving_u2w, fixed_u2w: ``(4, 4)`` unit → world of the two grids.
 
     Returns:
-        ``(rotation angle in degrees, log-eigenvalues (3,) of the stretch S, largest |S_ij|, i ≠ j)``.
+        ``(rotation angle in degrees, log-eigenvalues (3,) of the stretch S in ascending order,
+        largest |S_ij|, i ≠ j)``; a reflection gives ``(180, inf, inf)``.
     """
     A_mm = moving_u2w[:3, :3] @ A[0].double().numpy() @ np.linalg.inv(fixed_u2w[:3, :3])
+    if np.linalg.det(A_mm) <= 0:  # a reflection (or a collapse) is no anatomy
+        return 180.0, np.full(3, np.inf), float("inf")
     U, _, Vt = np.linalg.svd(A_mm)
     R = U @ Vt
     if np.linalg.det(R) < 0:
@@ -258,7 +263,15 @@ def distillation_config(model_config: Any, lncc_windows: Sequence[int] = (5, 9),
                         iterations: tuple[int, int] = (60, 40)) -> VSVFOptConfig:
     """vSVF-opt on the network's grid with the network's kernel, integrator and regulariser weight
     (``model_config``: an :class:`avsm.models.avsm.AVSMConfig`), at 1/2 and 1 of its grid, so that
-    its finest momentum lives on the network's momentum grid."""
+    its finest momentum lives on the network's momentum grid.
+
+    Raises:
+        ValueError: the model weighs its Gaussians other than ∝ σ (vSVF-opt's only weighting), so
+            opt's map would not be one the network can produce.
+    """
+    if getattr(model_config, "sigma_weights", None) is not None:
+        raise ValueError("distillation needs a model with the default kernel weights (∝ σ); "
+                         f"this one has sigma_weights={model_config.sigma_weights}")
     return VSVFOptConfig(scales=(0.5, 1.0), iterations=iterations, reg_weight=float(model_config.lambda_vr),
                          integrator=model_config.integrator, time_steps=int(model_config.time_steps),
                          sigmas=tuple(model_config.sigmas), lncc_windows=tuple(lncc_windows),
@@ -275,6 +288,10 @@ def distillation_target(moving: torch.Tensor, fixed: torch.Tensor, config: VSVFO
 
     Returns:
         ``(momentum (1, 3, d, h, w), map (1, 3, D, H, W))``; ``d, h, w`` = the network's momentum grid.
+
+    Raises:
+        FloatingPointError: vSVF-opt diverged (a displacement beyond
+            :data:`MAX_TARGET_DISPLACEMENT` of the box, or NaN), also with the line search.
     """
     shape = tuple(int(s) for s in fixed.shape[2:])
     phi0 = identity_map(shape)
@@ -285,15 +302,28 @@ def distillation_target(moving: torch.Tensor, fixed: torch.Tensor, config: VSVFO
         log.warning("distillation target: %s; again with the line search", e)
         res = optimise_vsvf(fixed, moving, phi0, dataclasses.replace(config, optimizer="lbfgs", lr=1.0),
                             progress=False)
+    check_target(res.phi)
     return res.momentum.detach().float(), res.phi.detach().float()
+
+
+def check_target(phi: torch.Tensor) -> None:
+    """Raise :class:`FloatingPointError` when a target map ``(B, 3, D, H, W)`` moves a point farther
+    than :data:`MAX_TARGET_DISPLACEMENT` (or holds NaN): vSVF-opt diverged."""
+    disp = float((phi - identity_map(phi.shape[2:]).to(phi)).abs().max())
+    if not disp <= MAX_TARGET_DISPLACEMENT:  # also NaN
+        raise FloatingPointError(f"vSVF-opt diverged (a displacement of {disp:.3g} of the box)")
 
 
 class DistillPairs(Dataset):
     """A fixed set of pre-aligned pairs (items of ``pairs`` with ``augment=False``) and their vSVF-opt
     targets, computed once and cached (``cache``: one ``.npz`` per item).
 
-    Items: those of :class:`AlignedPairs` plus ``"target_momentum"`` ``(3, d, h, w)`` and
-    ``"target_map"`` ``(3, D, H, W)``; ``A0, b0`` is the identity.
+    Items: those of :class:`AlignedPairs` plus ``"target_map"`` ``(3, D, H, W)`` (what the loss
+    uses: a network with several vSVF steps is compared by its final map) and
+    ``"target_momentum"`` ``(3, d, h, w)`` (opt's one-step momentum on the network's momentum
+    grid: one step of the network's VSVF with it is ``target_map``); ``A0, b0`` is the identity.
+    The cache key holds a checksum of the pair's two images and the vSVF-opt settings, so a
+    different template, grid, cohort or setting never reads another pair's target.
     """
 
     def __init__(self, pairs: AlignedPairs, n: int, config: VSVFOptConfig, *,
@@ -301,6 +331,7 @@ class DistillPairs(Dataset):
         self.pairs, self.n, self.config = pairs, int(n), config
         self.cache = Path(cache) if cache is not None else None
         self.epoch = 0
+        self.valid = list(range(self.n))  # the pairs items are drawn among (prepare() removes diverged ones)
         self._items: dict[int, dict[str, Any]] = {}
 
     def set_epoch(self, epoch: int) -> None:
@@ -310,36 +341,49 @@ class DistillPairs(Dataset):
     def __len__(self) -> int:
         return self.n
 
-    def _key(self, k: int) -> str:
-        return hashlib.sha1(repr((self.pairs.seed, k, len(self.pairs.volumes), self.config,
-                                  tuple(v.subject for v in self.pairs.volumes[:3]))).encode()).hexdigest()[:12]
+    def _key(self, item: dict[str, Any]) -> str:
+        h = hashlib.sha1(repr(self.config).encode())
+        for name in ("moving", "fixed"):
+            h.update(np.ascontiguousarray(item[name].numpy()).tobytes())
+        return h.hexdigest()[:16]
 
     def prepare(self) -> None:
-        """Compute (or read from the cache) every target now, before training starts."""
+        """Compute (or read from the cache) every target now, before training starts; a pair whose
+        vSVF-opt diverged is left out (logged), and the items are drawn among the others."""
+        valid = []
         for k in range(self.n):
-            self._item(k)
-        log.info("distillation targets: %d pairs", self.n)
+            try:
+                self._item(k)
+                valid.append(k)
+            except FloatingPointError as e:
+                log.warning("distillation pair %d left out: %s", k, e)
+        if not valid:
+            raise FloatingPointError("vSVF-opt diverged on every distillation pair")
+        self.valid = valid
+        log.info("distillation targets: %d pairs (%d left out)", len(valid), self.n - len(valid))
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         """Item ``index`` of the current epoch: one of the ``n`` pairs, drawn by :func:`sample_seed`
-        ``(seed, epoch, index)`` (so each epoch sees a different subset, reproducibly)."""
-        return self._item(sample_seed(self.pairs.seed, self.epoch, int(index)) % self.n)
+        ``(seed, epoch, index)``, with replacement (each epoch its own draw, reproducibly)."""
+        g = torch.Generator().manual_seed(sample_seed(self.pairs.seed + 31, self.epoch, int(index)))
+        return self._item(self.valid[int(torch.randint(len(self.valid), (), generator=g))])
 
     def _item(self, k: int) -> dict[str, Any]:
         if k in self._items:
             return self._items[k]
         self.pairs.set_epoch(0)
         item = dict(self.pairs[k])
-        path = self.cache / f"distill_{self._key(k)}.npz" if self.cache is not None else None
+        path = self.cache / f"distill_{self._key(item)}.npz" if self.cache is not None else None
         if path is not None and path.is_file():
-            z = np.load(path)
-            mom, phi = torch.from_numpy(z["momentum"]), torch.from_numpy(z["map"])
+            with np.load(path) as z:
+                mom, phi = torch.from_numpy(z["momentum"]), torch.from_numpy(z["map"])
+            check_target(phi[None])  # a target cached before this check existed
         else:
             mom, phi = distillation_target(item["moving"][None], item["fixed"][None], self.config)
             mom, phi = mom[0], phi[0]
             if path is not None:
                 path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(".tmp.npz")
+                tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")  # per process: ranks may race
                 np.savez(tmp, momentum=mom.numpy(), map=phi.numpy())
                 os.replace(tmp, path)
         item["target_momentum"], item["target_map"] = mom, phi

@@ -57,7 +57,6 @@ from avsm.errors import AvsmError
 from avsm.metrics.overlap import dice_per_label
 from avsm.models.avsm import AVSM, AVSMConfig
 from avsm.train.augment import AugmentConfig
-from avsm.train.mixture import PREALIGNED_SOURCES
 from avsm.train.data import (
     PairDataset,
     PoseConfig,
@@ -281,9 +280,16 @@ class Trainer:
         length = cfg.iters_per_epoch * cfg.batch_size * self.world
         self.dataset: Any
         # pre-aligned sources (template affines): the pairs are aligned, the affine network is skipped
+        from avsm.train.mixture import PREALIGNED_SOURCES  # local: cohort runs only
+
         self.prealigned = any(w > 0 and k in PREALIGNED_SOURCES for k, w in cfg.sources.items())
         if self.prealigned and cfg.stage != "vsvf":
             raise AvsmError("pre-aligned sources (ixi-aligned, distill) train the vsvf stage only")
+        distilling = cfg.sources.get("distill", 0) > 0
+        if distilling != (cfg.distill_weight > 0):
+            raise AvsmError("--distill-weight > 0 goes with the source 'distill' (its targets) and only with it"
+                            if not distilling else "the source 'distill' needs --distill-weight > 0 (the supervised "
+                            "term's weight; without it, train on 'ixi-aligned')")
         if cfg.sources:
             from avsm.train.mixture import (  # local: cohort runs only
                 build_mixture,
@@ -360,9 +366,9 @@ class Trainer:
     # ------------------------------------------------------------------ loop
 
     def affine_steps(self, epoch: int) -> int | None:
+        """Affine steps of ``epoch``: 0 on pre-aligned pairs, 1 during the single-step phase, else the config's."""
         if self.prealigned:
             return 0
-        """Affine steps of ``epoch``: 1 during the single-step phase, else the config's."""
         if self.cfg.stage == "affine" and self.schedule_epoch(epoch) < self.cfg.single_step_epochs:
             return 1
         return None
