@@ -348,6 +348,25 @@ def pose_and_initialise(moving: torch.Tensor, moving_labels: torch.Tensor | None
 STRIP_MODES = ("random", "whole", "brain")
 
 
+def draw_pair(g: torch.Generator, n: int) -> tuple[int, int]:
+    """Two different indices ``(moving, fixed)`` among ``n``, uniformly, from ``g``."""
+    i = int(torch.randint(n, (), generator=g))
+    j = int(torch.randint(n - 1, (), generator=g))
+    return i, j + int(j >= i)
+
+
+def half_and_half(whole: Sequence[dict[str, Any]], brain: Sequence[dict[str, Any]], n: int,
+                  prefix: str = "") -> list[dict[str, Any]]:
+    """``n`` validation items: ``whole[k]`` for ``k < n // 2``, then ``brain[k]``, named
+    ``<prefix>whole<k>`` / ``<prefix>brain<k>``."""
+    out = []
+    for k in range(n):
+        item = (whole if k < n // 2 else brain)[k]
+        item["name"] = f"{prefix}{'whole' if k < n // 2 else 'brain'}{k}"
+        out.append(item)
+    return out
+
+
 class CohortPairs(EpochDataset):
     """Cross-subject pairs of the real cohort, posed and initialised (see module doc).
 
@@ -384,10 +403,7 @@ class CohortPairs(EpochDataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         g = self.generator(index)
-        n = len(self.volumes)
-        i = int(torch.randint(n, (), generator=g))
-        j = int(torch.randint(n - 1, (), generator=g))
-        j += int(j >= i)
+        i, j = draw_pair(g, len(self.volumes))
         sm, sf = self._strips(g)
         vm, vf = self.volumes[i], self.volumes[j]
         m, ml = (vm.brain if sm else vm.whole), vm.labels.to(torch.int64)
@@ -470,12 +486,7 @@ def cohort_validation_pairs(volumes: Sequence[CohortVolume], n: int, *, seed: in
     skull-stripped, posed and initialised (no other augmentation)."""
     whole = CohortPairs(volumes, n, seed=seed, pose=pose, strip="whole")
     brain = CohortPairs(volumes, n, seed=seed + 1, pose=pose, strip="brain")
-    out = []
-    for k in range(n):
-        item = (whole if k < n // 2 else brain)[k]
-        item["name"] = f"{'whole' if k < n // 2 else 'brain'}{k}"
-        out.append(item)
-    return out
+    return half_and_half(whole, brain, n)
 
 
 __all__ = [
@@ -491,6 +502,8 @@ __all__ = [
     "augment_intensity",
     "brain_mask",
     "cohort_validation_pairs",
+    "draw_pair",
+    "half_and_half",
     "load_prepared",
     "pose_and_initialise",
     "prepare_cohort",

@@ -54,6 +54,7 @@ from avsm.train.data import (
     PoseConfig,
     PosedSynthPairs,
     cohort_validation_pairs,
+    half_and_half,
     prepare_cohort,
 )
 from avsm.train.synth import SynthConfig, SynthPairs, load_label_maps
@@ -219,9 +220,4 @@ def build_validation(shared: str | os.PathLike[str], spacing: float, n: int, *,
     # half whole head, half stripped, as the posed validation pairs
     whole = _aligned(vols, shared, spacing, n, seed=12345, cache=cache, augment=None, p_strip=0.0)
     brain = _aligned(vols, shared, spacing, n, seed=12346, cache=cache, augment=None, p_strip=1.0)
-    out = []
-    for k in range(n):
-        item = (whole if k < n // 2 else brain)[k]
-        item["name"] = f"aligned-{'whole' if k < n // 2 else 'brain'}{k}"
-        out.append(item)
-    return out
+    return half_and_half(whole, brain, n, prefix="aligned-")

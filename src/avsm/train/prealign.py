@@ -43,7 +43,7 @@ from avsm.optim.affine_opt import AffineOptConfig, optimise_affine
 from avsm.optim.initialise import initial_affine
 from avsm.optim.vsvf_opt import VSVFOptConfig, optimise_vsvf
 from avsm.train.augment import AugmentConfig, augment_intensity, random_affine, random_map
-from avsm.train.data import CohortVolume, EpochDataset, sample_seed
+from avsm.train.data import CohortVolume, EpochDataset, draw_pair, sample_seed
 
 log = logging.getLogger(__name__)
 
@@ -234,10 +234,7 @@ class AlignedPairs(EpochDataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         g = self.generator(index)
-        n = len(self.volumes)
-        i = int(torch.randint(n, (), generator=g))
-        j = int(torch.randint(n - 1, (), generator=g))
-        j += int(j >= i)
+        i, j = draw_pair(g, len(self.volumes))
         strip = float(torch.rand((), generator=g)) < self.cfg.p_strip
         vm, vf = self.volumes[i], self.volumes[j]
         with torch.no_grad():
