@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from avsm.core.coords import affine_map, compose_affine, identity_map, invert_affine
+from avsm.core.coords import affine_map, affine_on_map, compose_affine, identity_map, invert_affine
 from avsm.core.sampling import gaussian_blur, warp
 from avsm.losses.distill import map_distance_vox
 from avsm.models.avsm import AVSM, AVSMConfig
@@ -17,7 +17,6 @@ from avsm.train.data import CohortVolume
 from avsm.train.prealign import (
     AlignConfig,
     AlignedPairs,
-    affine_on_map,
     distillation_config,
     distillation_target,
     pair_affine,

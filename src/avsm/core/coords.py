@@ -112,6 +112,21 @@ def affine_map(
     return out.reshape(B, 3, *_spatial(shape))
 
 
+def affine_on_map(A: torch.Tensor, b: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
+    """``T ∘ Φ``: the centred affine ``x -> A (x - c) + c + b`` applied to a map's values.
+
+    Args:
+        A, b: ``(B, 3, 3)``, ``(B, 3)`` (unit coordinates, channel order D, H, W).
+        phi: ``(B, 3, D, H, W)`` map.
+
+    Returns:
+        ``(B, 3, D, H, W)``: exact (no interpolation: the affine acts pointwise).
+    """
+    flat = phi.reshape(phi.shape[0], 3, -1) - CENTRE
+    out = torch.einsum("bij,bjn->bin", A.to(phi.dtype), flat) + (b.to(phi.dtype) + CENTRE).unsqueeze(-1)
+    return out.reshape(phi.shape)
+
+
 def compose_affine(
     A2: torch.Tensor, b2: torch.Tensor, A1: torch.Tensor, b1: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -214,7 +214,7 @@ def _axis_rotation(axis: int, degrees: float) -> np.ndarray:
     return R
 
 
-def _rotation_angle(R: np.ndarray) -> float:
+def rotation_angle(R: np.ndarray) -> float:
     """Rotation angle of a ``(3, 3)`` rotation, radians in [0, π]."""
     return math.acos(float(np.clip((np.trace(R) - 1.0) / 2.0, -1.0, 1.0)))
 
@@ -252,7 +252,7 @@ def _moment_rotations(fixed: Moments, moving: Moments, degenerate_gap: float) ->
             R = Em @ P @ np.diag(signs) @ Ef.T
             if np.linalg.det(R) > 0:
                 out.append(R)
-    out.sort(key=_rotation_angle)
+    out.sort(key=rotation_angle)
     return out
 
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from avsm.core.coords import CENTRE, identity_map
+from avsm.core.coords import affine_on_map, identity_map
 from avsm.core.integrate import advect_map
 from avsm.core.sampling import resample_map, warp
 
@@ -59,6 +59,12 @@ class AugmentConfig:
     p_warp: float = 0.9
     p_intensity: float = 0.9
     random_strength: bool = True
+
+    def scaled(self, k: float) -> AugmentConfig:
+        """The same config with every spatial range (rotation, scale, shear, translation, warp)
+        multiplied by ``k`` (the per-volume strength of ``random_strength``)."""
+        return replace(self, rotation_deg=k * self.rotation_deg, scale=k * self.scale, shear=k * self.shear,
+                       translation=k * self.translation, warp_amplitude=k * self.warp_amplitude)
 
 
 def _uniform(g: torch.Generator, lo: float, hi: float, n: int = 1) -> torch.Tensor:
@@ -106,8 +112,7 @@ def random_map(g: torch.Generator, shape: tuple[int, int, int], cfg: AugmentConf
         phi = resample_map(ex, shape)
     if affine and float(torch.rand((), generator=g)) < cfg.p_affine:
         A, b = random_affine(g, cfg)
-        flat = phi.reshape(1, 3, -1) - CENTRE
-        phi = (torch.einsum("bij,bjn->bin", A, flat) + (b + CENTRE).unsqueeze(-1)).reshape(phi.shape)
+        phi = affine_on_map(A, b, phi)
     return phi
 
 
@@ -151,9 +156,7 @@ def augment_volume(
     """
     shape = tuple(int(s) for s in image.shape[2:])
     if cfg.random_strength:
-        k = float(torch.rand((), generator=g))
-        cfg = replace(cfg, rotation_deg=k * cfg.rotation_deg, scale=k * cfg.scale, shear=k * cfg.shear,
-                      translation=k * cfg.translation, warp_amplitude=k * cfg.warp_amplitude)
+        cfg = cfg.scaled(float(torch.rand((), generator=g)))
     phi = random_map(g, shape, cfg)  # type: ignore[arg-type]
     img = warp(image, phi)
     lab = warp(labels, phi, mode="nearest") if labels is not None else None

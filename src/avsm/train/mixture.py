@@ -28,6 +28,7 @@ validation half); the test half and OASIS-TRT-20 are for the benchmarks.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -101,6 +102,7 @@ def synthseg_maps(shared: str | os.PathLike[str], cache: str | os.PathLike[str] 
     return maps
 
 
+@functools.lru_cache(maxsize=2)
 def template_volume(shared: str | os.PathLike[str], spacing: float) -> tuple[torch.Tensor, np.ndarray]:
     """The pre-alignment template, skull-stripped, on its working grid at ``spacing`` mm:
     ``((1, 1, D, H, W), unit → world)``.
@@ -109,7 +111,9 @@ def template_volume(shared: str | os.PathLike[str], spacing: float) -> tuple[tor
     (:func:`avsm.train.data.brain_mask`'s operations); subjects are registered to it by their
     stripped brains: on whole heads the neck and the field of view pulled 5 of 60 IXI subjects'
     affines off (rotation > 30° or a scale beyond e^±0.3), brain to brain 1 of 60 (the same test;
-    :func:`avsm.train.prealign.plausible_affine` leaves out beyond 30° or e^±0.4).
+    :func:`avsm.train.prealign.plausible_affine` leaves out beyond 30° or e^±0.4).  Built once per
+    ``(shared, spacing)`` in a process (the training sources and the validation share it; do not
+    modify the returned tensor).
     """
     from avsm.io.image import load_image
     from avsm.io.working import to_working, working_grid_for
@@ -124,15 +128,13 @@ def template_volume(shared: str | os.PathLike[str], spacing: float) -> tuple[tor
     return torch.from_numpy(to_working(img.with_array(img.array * mask), grid))[None, None], grid.unit_to_world()
 
 
-def _aligned(volumes: list[CohortVolume], shared: str | os.PathLike[str], spacing: float, length: int, *,
-             seed: int, cache: str | os.PathLike[str] | None, augment: AugmentConfig | None,
-             p_strip: float = 0.5) -> Any:
-    from avsm.train.prealign import (  # local: pre-aligned runs only
-        AlignConfig,
-        AlignedPairs,
-        plausible_affine,
-        template_affines,
-    )
+_Aligned = tuple[list[CohortVolume], list[tuple[torch.Tensor, torch.Tensor]]]
+
+
+def _template_aligned(volumes: list[CohortVolume], shared: str | os.PathLike[str], spacing: float,
+                      cache: str | os.PathLike[str] | None) -> _Aligned:
+    """The subjects with a plausible template affine, and those affines (the others logged, left out)."""
+    from avsm.train.prealign import plausible_affine, template_affines  # local: pre-aligned runs only
 
     tpl, tpl_u2w = template_volume(shared, spacing)
     affines = template_affines(volumes, tpl, tpl_u2w, cache=cache)
@@ -140,9 +142,15 @@ def _aligned(volumes: list[CohortVolume], shared: str | os.PathLike[str], spacin
     if len(keep) < len(volumes):
         log.warning("template affines: %d of %d subjects implausible (left out): %s", len(volumes) - len(keep),
                     len(volumes), ", ".join(v.subject for k, v in enumerate(volumes) if k not in keep))
+    return [volumes[k] for k in keep], [affines[k] for k in keep]
+
+
+def _aligned(aligned: _Aligned, length: int, *, seed: int, augment: AugmentConfig | None,
+             p_strip: float = 0.5) -> Any:
+    from avsm.train.prealign import AlignConfig, AlignedPairs  # local: pre-aligned runs only
+
     cfg = AlignConfig(shared=augment or AlignConfig().shared, p_strip=p_strip)
-    return AlignedPairs([volumes[k] for k in keep], [affines[k] for k in keep], length, seed=seed,
-                        config=cfg, augment=augment is not None)
+    return AlignedPairs(*aligned, length, seed=seed, config=cfg, augment=augment is not None)
 
 
 def build_mixture(sources: Mapping[str, float], shared: str | os.PathLike[str], spacing: float, length: int,
@@ -172,6 +180,8 @@ def build_mixture(sources: Mapping[str, float], shared: str | os.PathLike[str], 
     need_cohort = any(sources.get(k, 0) > 0 for k in ("ixi", "synth-ixi", "ixi-aligned", "distill"))
     if need_cohort and cohort is None:
         cohort = prepare_cohort(training_subjects(shared, subjects_limit), spacing, cache)
+    aligned = _template_aligned(cohort, shared, spacing, cache) if any(
+        k in PREALIGNED_SOURCES for k in active) else None  # type: ignore[arg-type]
     parts: list[Dataset] = []
     weights: list[float] = []
     for name, w in sources.items():
@@ -181,15 +191,15 @@ def build_mixture(sources: Mapping[str, float], shared: str | os.PathLike[str], 
             assert cohort is not None
             ds: Dataset = CohortPairs(cohort, length, seed=seed, augment_config=augment or AugmentConfig(), pose=pose)
         elif name == "ixi-aligned":
-            assert cohort is not None
+            assert aligned is not None
             # --augmentation is the shared augmentation ψ of both sides (it keeps the pair aligned)
-            ds = _aligned(cohort, shared, spacing, length, seed=seed, cache=cache, augment=augment)
+            ds = _aligned(aligned, length, seed=seed, augment=augment)
         elif name == "distill":
             from avsm.models.avsm import AVSMConfig
             from avsm.train.prealign import DistillPairs, distillation_config
 
-            assert cohort is not None
-            fixed_set = _aligned(cohort, shared, spacing, distill_pairs, seed=seed + 5, cache=cache, augment=None)
+            assert aligned is not None
+            fixed_set = _aligned(aligned, distill_pairs, seed=seed + 5, augment=None)
             ds = DistillPairs(fixed_set, distill_pairs, distillation_config(model_config or AVSMConfig()),
                               cache=cache)
             ds.prepare()
@@ -218,6 +228,7 @@ def build_validation(shared: str | os.PathLike[str], spacing: float, n: int, *,
     if not prealigned:
         return cohort_validation_pairs(vols, n, pose=pose)
     # half whole head, half stripped, as the posed validation pairs
-    whole = _aligned(vols, shared, spacing, n, seed=12345, cache=cache, augment=None, p_strip=0.0)
-    brain = _aligned(vols, shared, spacing, n, seed=12346, cache=cache, augment=None, p_strip=1.0)
+    aligned = _template_aligned(vols, shared, spacing, cache)
+    whole = _aligned(aligned, n, seed=12345, augment=None, p_strip=0.0)
+    brain = _aligned(aligned, n, seed=12346, augment=None, p_strip=1.0)
     return half_and_half(whole, brain, n, prefix="aligned-")

@@ -37,40 +37,24 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from avsm.core.coords import CENTRE, compose_affine, identity_map, invert_affine
+from avsm.core.coords import affine_on_map, compose_affine, identity_map, invert_affine
 from avsm.core.sampling import Pyramid, warp
 from avsm.optim.affine_opt import AffineOptConfig, optimise_affine
-from avsm.optim.initialise import initial_affine
+from avsm.optim.initialise import initial_affine, rotation_angle
 from avsm.optim.vsvf_opt import VSVFOptConfig, optimise_vsvf
 from avsm.train.augment import AugmentConfig, augment_intensity, random_affine, random_map
 from avsm.train.data import CohortVolume, EpochDataset, draw_pair, sample_seed
 
 log = logging.getLogger(__name__)
 
-__all__ = ["AlignConfig", "AlignedPairs", "DistillPairs", "MAX_TARGET_DISPLACEMENT", "TEMPLATE_AFFINE", "affine_on_map", "decompose_mm",
-           "plausible_affine",
-           "distillation_config", "distillation_target", "pair_affine", "template_affine",
-           "template_affines"]
+__all__ = ["AlignConfig", "AlignedPairs", "DistillPairs", "MAX_TARGET_DISPLACEMENT", "TEMPLATE_AFFINE",
+           "affine_on_map", "check_target", "decompose_mm", "distillation_config", "distillation_target",
+           "pair_affine", "plausible_affine", "template_affine", "template_affines"]
 
 #: the largest displacement (unit coordinates: a quarter of the box) a distillation target may have
 MAX_TARGET_DISPLACEMENT = 0.25
 #: affine-opt of a subject to the template on a ~4 mm working grid (levels ~8 and ~4 mm)
 TEMPLATE_AFFINE = AffineOptConfig(scales=(0.5, 1.0), iterations=(80, 40), lr=1e-2, tol=1e-4, window=10)
-
-
-def affine_on_map(A: torch.Tensor, b: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
-    """``T ∘ Φ``: the centred affine ``x → A (x − c) + c + b`` applied to a map's values.
-
-    Args:
-        A, b: ``(B, 3, 3)``, ``(B, 3)`` (unit coordinates, channel order D, H, W).
-        phi: ``(B, 3, D, H, W)`` map.
-
-    Returns:
-        ``(B, 3, D, H, W)``: exact (no interpolation: the affine acts pointwise).
-    """
-    flat = phi.reshape(phi.shape[0], 3, -1) - CENTRE
-    out = torch.einsum("bij,bjn->bin", A.to(phi.dtype), flat) + (b.to(phi.dtype) + CENTRE).unsqueeze(-1)
-    return out.reshape(phi.shape)
 
 
 def template_affine(subject: torch.Tensor, subject_u2w: np.ndarray, template: torch.Tensor,
@@ -139,7 +123,7 @@ def decompose_mm(A: torch.Tensor, moving_u2w: np.ndarray, fixed_u2w: np.ndarray)
         U[:, -1] *= -1
         R = U @ Vt
     S = R.T @ A_mm
-    angle = float(np.degrees(np.arccos(np.clip((np.trace(R) - 1) / 2, -1.0, 1.0))))
+    angle = float(np.degrees(rotation_angle(R)))
     off = float(np.abs(S - np.diag(np.diag(S))).max())
     return angle, np.log(np.linalg.eigvalsh(0.5 * (S + S.T))), off
 
@@ -214,11 +198,7 @@ class AlignedPairs(EpochDataset):
         if self.augment:
             shared = cfg.shared
             if shared.random_strength:
-                k = float(torch.rand((), generator=g))
-                shared = AugmentConfig(**{**shared.__dict__, "rotation_deg": k * shared.rotation_deg,
-                                          "scale": k * shared.scale, "shear": k * shared.shear,
-                                          "translation": k * shared.translation,
-                                          "warp_amplitude": k * shared.warp_amplitude})
+                shared = shared.scaled(float(torch.rand((), generator=g)))
             psi = random_map(g, shape, shared)  # type: ignore[arg-type]
         else:
             psi = identity_map(shape)
